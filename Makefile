@@ -1,0 +1,42 @@
+# zsadlib: `make demo` runs the main job on the embedded synthetic data, `make test` runs the suite.
+# Both create .venv with the pinned dependencies when it is missing or older than pyproject.toml.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.zsadlib-installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PYTHONHASHSEED := 0
+
+.PHONY: venv test test-fast demo bench data notebooks-clean clean lab
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade --quiet "pip>=24"
+	$(BIN)/python -m pip install --quiet -e '.[notebooks,test]'
+	$(BIN)/python -m ipykernel install --prefix $(VENV) --name python3 --display-name "zsadlib (.venv)" > /dev/null
+	touch $(STAMP)
+
+test: venv
+	$(BIN)/python -m pytest -q -rs
+
+# unit tests only (no notebook runs)
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not notebook"
+
+demo: venv
+	$(BIN)/zsad demo
+
+data: venv
+	$(BIN)/zsad data synth --out data/synthetic
+
+bench: venv
+	$(BIN)/python bench/bench_metrics.py
+
+lab: venv
+	$(BIN)/jupyter lab notebooks/
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
