@@ -4,9 +4,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.zsadlib-installed
-export HF_HUB_OFFLINE := 1
-export TRANSFORMERS_OFFLINE := 1
-export PYTHONHASHSEED := 0
+# tests never touch the network; the demo may download the paper's weights when the hub is reachable
+TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONHASHSEED=0
 
 .PHONY: venv test test-fast demo bench data notebooks-clean clean lab
 
@@ -20,11 +19,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: venv
-	$(BIN)/python -m pytest -q -rs
+	$(TEST_ENV) $(BIN)/python -m pytest -q -rs
 
 # unit tests only (no notebook runs)
 test-fast: venv
-	$(BIN)/python -m pytest -q -m "not notebook"
+	$(TEST_ENV) $(BIN)/python -m pytest -q -m "not notebook"
 
 demo: venv
 	$(BIN)/zsad demo

@@ -262,6 +262,15 @@ def test_tiny_is_seeded_and_small():
     assert a.num_layers == 24 and a.patch_size == 14 and a.info["quick_gelu"]
 
 
+@torch.no_grad()
+def test_truncated_text_encoding_equals_open_clip(tiny_backbone):
+    texts = ["a photo of a bottle.", "damaged", "a cropped photo of the flawless screw without defect."]
+    tokens = tiny_backbone.tokenize(texts)
+    expected = tiny_backbone.model.encode_text(tokens)
+    torch.testing.assert_close(tiny_backbone.encode_text(texts), expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(tiny_backbone.encode_text(texts, truncate=False), expected)
+
+
 def test_text_encoding(tiny_backbone):
     tokens = tiny_backbone.tokenize(["a photo of a bottle.", "damaged bottle"])
     assert tokens.shape == (2, 77)

@@ -202,10 +202,33 @@ class Backbone(nn.Module):
         """Texts -> token ids [T, context_length] on the backbone's device."""
         return self.tokenizer(texts).to(self.device)
 
-    def encode_text(self, texts: str | Sequence[str] | torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """Texts (or token ids [T, 77]) -> text embeddings [T, D]."""
+    def encode_text(self, texts: str | Sequence[str] | torch.Tensor, normalize: bool = False,
+                    truncate: bool = True) -> torch.Tensor:
+        """Texts (or token ids [T, 77]) -> text embeddings [T, D].
+
+        With ``truncate`` (default) the sequences are cut after the longest end-of-text token before the text
+        transformer runs. CLIP's text attention is causal and the embedding is read at the end-of-text token,
+        so the result equals open_clip's ``encode_text`` (tested) while prompt ensembles of ~10-token prompts
+        run several times faster than at the full 77 positions.
+        """
         tokens = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
-        return self.model.encode_text(tokens.to(self.device), normalize=normalize)
+        tokens = tokens.to(self.device)
+        model = self.model
+        if not (truncate and getattr(model, "text_pool_type", None) == "argmax"
+                and getattr(model, "attn_mask", None) is not None and hasattr(model, "token_embedding")):
+            return model.encode_text(tokens, normalize=normalize)
+        length = int(tokens.argmax(dim=-1).max()) + 1
+        cast_dtype = model.transformer.get_cast_dtype()
+        x = model.token_embedding(tokens[:, :length]).to(cast_dtype)
+        x = x + model.positional_embedding[:length].to(cast_dtype)
+        x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+        x = model.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), tokens[:, :length].argmax(dim=-1)]
+        if isinstance(model.text_projection, nn.Linear):
+            x = model.text_projection(x)
+        elif model.text_projection is not None:
+            x = x @ model.text_projection
+        return F.normalize(x, dim=-1) if normalize else x
 
     # -- image -----------------------------------------------------------------------------------------------
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
