@@ -1,0 +1,200 @@
+"""zsadlib.ops: every kernel against a plain implementation (numpy / scipy / explicit loops)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage, stats
+
+from zsadlib import ops
+
+
+def rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+# ---- plain references --------------------------------------------------------------------------------------
+def plain_cosine(patches, text):
+    """patches [B, N, D], text [C, D] or [B, C, D] -> [B, N, C] with explicit loops."""
+    batch, count, _ = patches.shape
+    per_image = text if text.ndim == 3 else np.stack([text] * batch)
+    out = np.zeros((batch, count, per_image.shape[1]))
+    for b in range(batch):
+        for n in range(count):
+            for c in range(per_image.shape[1]):
+                u, v = patches[b, n], per_image[b, c]
+                out[b, n, c] = u @ v / (np.linalg.norm(u) * np.linalg.norm(v))
+    return out
+
+
+def plain_bilinear(image, out_h, out_w):
+    """Half-pixel-centre bilinear resize of one [h, w] array (PyTorch align_corners=False semantics)."""
+    in_h, in_w = image.shape
+
+    def taps(out_size, in_size):
+        result = []
+        for i in range(out_size):
+            src = max((i + 0.5) * in_size / out_size - 0.5, 0.0)
+            low = min(int(math.floor(src)), in_size - 1)
+            high = min(low + 1, in_size - 1)
+            result.append((low, high, src - low))
+        return result
+
+    rows, cols = taps(out_h, in_h), taps(out_w, in_w)
+    out = np.zeros((out_h, out_w))
+    for i, (r0, r1, fr) in enumerate(rows):
+        for j, (c0, c1, fc) in enumerate(cols):
+            top = image[r0, c0] * (1 - fc) + image[r0, c1] * fc
+            bottom = image[r1, c0] * (1 - fc) + image[r1, c1] * fc
+            out[i, j] = top * (1 - fr) + bottom * fr
+    return out
+
+
+def plain_windows(h, w, size, stride=1):
+    windows = []
+    for top in range(0, h - size + 1, stride):
+        for left in range(0, w - size + 1, stride):
+            windows.append([(top + dr) * w + (left + dc) for dr in range(size) for dc in range(size)])
+    return np.array(windows)
+
+
+def plain_harmonic_aggregate(scores, windows, h, w):
+    batch = scores.shape[0]
+    out = np.zeros((batch, h * w))
+    for b in range(batch):
+        for patch in range(h * w):
+            covering = [m for m in range(windows.shape[0]) if patch in windows[m]]
+            values = [scores[b, m] for m in covering]
+            if not values or min(values) == 0:
+                out[b, patch] = 0.0
+            else:
+                out[b, patch] = len(values) / sum(1.0 / v for v in values)
+    return out.reshape(batch, h, w)
+
+
+# ---- similarity --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("per_image_text", [False, True])
+def test_cosine_similarity_maps_matches_loops(per_image_text):
+    generator = rng(1)
+    patches = generator.normal(size=(2, 5, 7))
+    text = generator.normal(size=(2, 3, 7) if per_image_text else (3, 7))
+    got = ops.cosine_similarity_maps(torch.from_numpy(patches), torch.from_numpy(text))
+    assert got.shape == (2, 5, 3)
+    np.testing.assert_allclose(got.numpy(), plain_cosine(patches, text), atol=1e-12)
+
+
+def test_anomaly_probability_is_tempered_softmax():
+    generator = rng(2)
+    patches, text = generator.normal(size=(3, 4, 6)), generator.normal(size=(2, 6))
+    cos = plain_cosine(patches, text)
+    logits = cos / 0.07
+    expected = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    got = ops.anomaly_probability(torch.from_numpy(patches), torch.from_numpy(text), temperature=0.07)
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-12)
+    with pytest.raises(ValueError):
+        ops.anomaly_probability(torch.from_numpy(patches), torch.from_numpy(generator.normal(size=(3, 6))))
+
+
+def test_layer_anomaly_map_formula_and_layout():
+    generator = rng(3)
+    probs = generator.random(size=(2, 6, 2))
+    got = ops.layer_anomaly_map(torch.from_numpy(probs), (2, 3)).numpy()
+    for b in range(2):
+        for r in range(2):
+            for c in range(3):
+                p = probs[b, r * 3 + c]
+                assert got[b, r, c] == pytest.approx((p[1] + 1 - p[0]) / 2)
+
+
+# ---- post-processing ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("in_size,out_size", [((4, 4), (16, 16)), ((3, 5), (7, 11)), ((8, 8), (5, 3))])
+def test_upsample_maps_matches_plain_bilinear(in_size, out_size):
+    maps = rng(4).random(size=(2, *in_size))
+    got = ops.upsample_maps(torch.from_numpy(maps), out_size).numpy()
+    expected = np.stack([plain_bilinear(m, *out_size) for m in maps])
+    np.testing.assert_allclose(got, expected, atol=1e-12)
+    stacked = rng(5).random(size=(2, 3, *in_size)).astype(np.float32)
+    got4 = ops.upsample_maps(torch.from_numpy(stacked), out_size)
+    assert got4.shape == (2, 3, *out_size) and got4.dtype == torch.float32
+    np.testing.assert_allclose(got4[1, 2].numpy(), plain_bilinear(stacked[1, 2].astype(np.float64), *out_size),
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "shape,sigma",
+    [((2, 32, 32), 4.0), ((3, 37, 29), 4.0), ((1, 8, 8), 4.0), ((2, 5, 3), 1.5), ((1, 1, 6), 2.0), ((2, 20, 20), 8.0)],
+)
+def test_gaussian_blur_matches_scipy_reflect(shape, sigma):
+    maps = rng(6).random(size=shape).astype(np.float32)
+    expected = np.stack([ndimage.gaussian_filter(m, sigma, mode="reflect", truncate=4.0) for m in maps])
+    got = ops.gaussian_blur(torch.from_numpy(maps), sigma)
+    assert got.shape == maps.shape and got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-5)
+
+
+def test_gaussian_blur_float64_leading_dims_and_sigma_zero():
+    maps = rng(7).random(size=(2, 3, 9, 10))
+    expected = np.stack([[ndimage.gaussian_filter(m, 2.5, mode="reflect") for m in group] for group in maps])
+    np.testing.assert_allclose(ops.gaussian_blur(torch.from_numpy(maps), 2.5).numpy(), expected, atol=1e-12)
+    same = ops.gaussian_blur(torch.from_numpy(maps), 0.0)
+    np.testing.assert_array_equal(same.numpy(), maps)
+
+
+def test_gaussian_kernel_radius_follows_scipy():
+    for sigma in (0.5, 1.0, 4.0, 8.0):
+        kernel = ops.gaussian_kernel1d(sigma)
+        assert kernel.numel() == 2 * int(4.0 * sigma + 0.5) + 1
+        assert float(kernel.sum()) == pytest.approx(1.0)
+
+
+# ---- aggregation -------------------------------------------------------------------------------------------
+def test_harmonic_mean_matches_scipy():
+    values = rng(8).random(size=(4, 5)) + 0.05
+    np.testing.assert_allclose(ops.harmonic_mean(torch.from_numpy(values)).numpy(), stats.hmean(values, axis=-1))
+    np.testing.assert_allclose(ops.harmonic_mean(torch.from_numpy(values), dim=0).numpy(),
+                               stats.hmean(values, axis=0))
+    assert float(ops.harmonic_mean(torch.tensor([0.0, 0.5]))) == 0.0
+
+
+@pytest.mark.parametrize("grid,size,stride", [((8, 8), 2, 1), ((8, 8), 3, 1), ((5, 7), 3, 1), ((6, 6), 2, 2),
+                                              ((4, 4), 4, 1)])
+def test_sliding_windows_match_loops_and_cover_grid(grid, size, stride):
+    h, w = grid
+    got = ops.sliding_windows(grid, size, stride)
+    expected = plain_windows(h, w, size, stride)
+    np.testing.assert_array_equal(got.numpy(), expected)
+    assert got.dtype == torch.long
+    if stride == 1:
+        assert got.shape == ((h - size + 1) * (w - size + 1), size * size)
+        assert set(got.flatten().tolist()) == set(range(h * w))
+    with pytest.raises(ValueError):
+        ops.sliding_windows(grid, max(grid) + 1)
+
+
+def test_harmonic_aggregate_matches_loops():
+    h, w = 5, 6
+    generator = rng(9)
+    for size, stride in ((2, 1), (3, 1), (3, 2)):
+        windows = plain_windows(h, w, size, stride)
+        scores = generator.random(size=(2, windows.shape[0])) + 0.01
+        scores[1, 0] = 0.0  # a zero-score window zeroes the patches it covers (anomalib convention)
+        got = ops.harmonic_aggregate(torch.from_numpy(scores), torch.from_numpy(windows), (h, w))
+        np.testing.assert_allclose(got.numpy(), plain_harmonic_aggregate(scores, windows, h, w), atol=1e-12)
+
+
+def test_harmonic_aggregate_worked_example():
+    # 3 x 3 grid, four 2 x 2 windows scoring 1, 0.75, 0.5, 0.25: the centre patch sees all four
+    scores = torch.tensor([[1.0, 0.75, 0.5, 0.25]])
+    got = ops.harmonic_aggregate(scores, ops.sliding_windows((3, 3), 2), (3, 3))
+    assert got[0, 0, 0] == pytest.approx(1.0)
+    assert got[0, 1, 1] == pytest.approx(4 / (1 + 1 / 0.75 + 2 + 4))
+    assert got[0, 2, 2] == pytest.approx(0.25)
+
+
+def test_topk_mean_matches_sort():
+    x = rng(10).normal(size=(3, 20))
+    for k in (1, 5, 20):
+        expected = np.sort(x, axis=1)[:, ::-1][:, :k].mean(axis=1)
+        np.testing.assert_allclose(ops.topk_mean(torch.from_numpy(x), k).numpy(), expected)
+    with pytest.raises(ValueError):
+        ops.topk_mean(torch.from_numpy(x), 21)

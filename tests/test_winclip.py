@@ -1,0 +1,225 @@
+"""WinCLIP on the tiny random-weight backbone (112 px, patch 14 -> 8 x 8 grid): contract, math, prompts."""
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zsadlib import ops
+from zsadlib.methods import MethodError, build_method, list_methods
+from zsadlib.methods.winclip import (
+    WinCLIP,
+    WinCLIPConfig,
+    embed_tokens,
+    encode_class_token,
+    encode_token_windows,
+)
+from zsadlib.prompts import (
+    ANOMALOUS_STATES,
+    NORMAL_STATES,
+    TEMPLATES_ANOMALIB,
+    TEMPLATES_WINCLIP22,
+    encode_prompt_ensemble,
+    prompt_ensemble,
+    winclip_prompts,
+)
+
+from .conftest import TINY_SIZE
+
+GRID = TINY_SIZE // 14
+
+
+@pytest.fixture(scope="module")
+def winclip(tiny_backbone):
+    return build_method("winclip", backbone=tiny_backbone)
+
+
+@pytest.fixture(scope="module")
+def batch_output(winclip, tiny_images):
+    return winclip(tiny_images, ["bottle", "screw", "bottle"])
+
+
+# ---- plain reference: each window's token set built by hand -------------------------------------------------
+def plain_window_embeddings(backbone, images, windows_topleft, size):
+    """Loop over images and windows; rebuild the input tokens from conv1 / class / positional embeddings."""
+    visual = backbone.visual
+    grid_h, grid_w = backbone.grid_size
+    out = []
+    for image in images:
+        patches = visual.conv1(image[None]).flatten(2)[0].T  # [N, W], row-major
+        per_window = []
+        for top, left in windows_topleft:
+            picked = [(top + dr) * grid_w + (left + dc) for dr in range(size) for dc in range(size)]
+            rows = [visual.class_embedding + visual.positional_embedding[0]]
+            rows += [patches[p] + visual.positional_embedding[1 + p] for p in picked]
+            x = visual.ln_pre(torch.stack(rows)[None])
+            for block in visual.transformer.resblocks:
+                x = block(x)
+            per_window.append(visual.ln_post(x[0, 0]) @ visual.proj)
+        out.append(torch.stack(per_window))
+    return torch.stack(out)
+
+
+# ---- registry and config -------------------------------------------------------------------------------
+def test_registry_lists_winclip():
+    assert "winclip" in list_methods()
+    assert WinCLIP.uses_class_names and not WinCLIP.trainable
+    assert WinCLIP.paper == "WinCLIP (Jeong et al., CVPR 2023)"
+
+
+def test_config_defaults_are_the_paper_values():
+    config = WinCLIPConfig()
+    assert config.backbone == "ViT-B-16-plus-240"
+    assert config.pretrained == "laion400m_e31"
+    assert config.image_size == 240
+    assert config.scales == (2, 3)
+    assert config.window_stride == 1
+    assert config.temperature == pytest.approx(0.07)
+    assert config.include_image_score is True
+    assert config.scale_fusion == "harmonic"
+    assert config.templates == "anomalib"
+    assert config.normalize_prompt_embeddings is False
+    assert config.blur_sigma == 0.0
+    assert config.k_shot == 0
+    assert WinCLIPConfig.from_dict(config.to_dict()) == config
+
+
+def test_build_records_backbone_and_rejects_bad_options(tiny_backbone):
+    method = build_method("winclip", backbone=tiny_backbone, scales=(2,))
+    assert method.config.backbone == "tiny" and method.config.image_size == TINY_SIZE
+    with pytest.raises(MethodError):
+        build_method("winclip", backbone=tiny_backbone, k_shot=1)
+    with pytest.raises(MethodError):
+        build_method("winclip", backbone=tiny_backbone, scales=(GRID + 1,))
+    with pytest.raises(MethodError):
+        build_method("winclip", backbone=tiny_backbone, scale_fusion="max")
+    with pytest.raises(MethodError):
+        build_method("winclip", backbone=tiny_backbone, scales=(), include_image_score=False)
+
+
+# ---- prompts -----------------------------------------------------------------------------------------------
+def test_prompt_ensemble_counts_match_anomalib():
+    assert len(NORMAL_STATES) == 7 and len(ANOMALOUS_STATES) == 4
+    assert len(TEMPLATES_ANOMALIB) == 21 and len(set(TEMPLATES_ANOMALIB)) == 20  # one duplicate, as in anomalib
+    assert len(TEMPLATES_WINCLIP22) == 22 and len(set(TEMPLATES_WINCLIP22)) == 22
+    normal, anomalous = winclip_prompts("bottle")
+    assert len(normal) == 7 * 21 and len(anomalous) == 4 * 21
+    assert normal[0] == "a cropped photo of the bottle."
+    assert anomalous[0] == "a cropped photo of the damaged bottle."
+    assert "a photo of a bottle with defect for anomaly detection." in anomalous
+    normal22, anomalous22 = winclip_prompts("bottle", "winclip22")
+    assert len(normal22) == 7 * 22 and len(anomalous22) == 4 * 22
+    assert "a jpeg corrupted photo of a flawless bottle" in normal22
+    assert prompt_ensemble("x", ["{}", "bad {}"], ["a {}.", "the {}"]) == ["a x.", "the x", "a bad x.", "the bad x"]
+
+
+@pytest.mark.parametrize("normalize_each", [False, True])
+def test_encode_prompt_ensemble_is_normalised_group_mean(tiny_backbone, normalize_each):
+    templates = TEMPLATES_ANOMALIB[:3]
+    got = encode_prompt_ensemble(tiny_backbone, "cable", templates=templates, normalize_each=normalize_each)
+    assert got.shape == (2, tiny_backbone.embed_dim)
+    expected = []
+    for states in (NORMAL_STATES, ANOMALOUS_STATES):
+        embeddings = torch.stack([tiny_backbone.encode_text([p])[0]
+                                  for p in prompt_ensemble("cable", states, templates)])
+        if normalize_each:
+            embeddings = F.normalize(embeddings, dim=-1)
+        expected.append(F.normalize(embeddings.mean(0), dim=-1))
+    torch.testing.assert_close(got, torch.stack(expected), atol=1e-5, rtol=1e-5)
+
+
+# ---- window encoding ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [2, 3])
+def test_encode_token_windows_equals_plain_loop(tiny_backbone, tiny_images, size):
+    images = tiny_images[:2]
+    windows = ops.sliding_windows((GRID, GRID), size)
+    topleft = [(top, left) for top in range(GRID - size + 1) for left in range(GRID - size + 1)]
+    picked = [0, 5, len(topleft) // 2, len(topleft) - 1]  # a few windows keep the loop fast
+    with torch.no_grad():
+        got = encode_token_windows(tiny_backbone, images, windows, window_batch=7)  # chunks of 7 windows
+        expected = plain_window_embeddings(tiny_backbone, images, [topleft[i] for i in picked], size)
+    assert got.shape == (2, windows.shape[0], tiny_backbone.embed_dim)
+    torch.testing.assert_close(got[:, picked], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_window_batch_does_not_change_embeddings(tiny_backbone, tiny_images):
+    windows = ops.sliding_windows((GRID, GRID), 3)
+    with torch.no_grad():
+        one_chunk = encode_token_windows(tiny_backbone, tiny_images[:1], windows, window_batch=1000)
+        many = encode_token_windows(tiny_backbone, tiny_images[:1], windows, window_batch=5)
+    torch.testing.assert_close(one_chunk, many, atol=1e-5, rtol=1e-5)
+
+
+def test_full_grid_window_is_the_image_embedding(tiny_backbone, tiny_images):
+    with torch.no_grad():
+        whole = encode_token_windows(tiny_backbone, tiny_images, ops.sliding_windows((GRID, GRID), GRID))[:, 0]
+        image = tiny_backbone.encode_image(tiny_images)
+        from_tokens = encode_class_token(tiny_backbone, embed_tokens(tiny_backbone, tiny_images))
+    torch.testing.assert_close(whole, image, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(from_tokens, image, atol=1e-5, rtol=1e-5)
+
+
+# ---- the method ------------------------------------------------------------------------------------------
+def test_output_shapes_and_range(batch_output):
+    out = batch_output
+    assert out.scores.shape == (3,)
+    assert out.maps.shape == (3, TINY_SIZE, TINY_SIZE)
+    assert torch.isfinite(out.maps).all() and torch.isfinite(out.scores).all()
+    assert out.maps.min() >= 0 and out.maps.max() <= 1
+    assert out.scores.min() >= 0 and out.scores.max() <= 1
+    assert set(out.extras["scale_maps"]) == {2, 3}
+    assert all(m.shape == (3, GRID, GRID) for m in out.extras["scale_maps"].values())
+
+
+def test_fusion_is_harmonic_mean_of_image_score_and_scales(batch_output):
+    extras = batch_output.extras
+    maps = [batch_output.scores.view(3, 1, 1).expand(3, GRID, GRID)] + [extras["scale_maps"][s] for s in (2, 3)]
+    expected = 3 / sum(1 / m for m in maps)
+    torch.testing.assert_close(extras["grid_map"], expected)
+    upsampled = F.interpolate(expected[:, None], size=(TINY_SIZE, TINY_SIZE), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(batch_output.maps, upsampled[:, 0])
+
+
+def test_image_score_is_softmax_against_prototypes(winclip, tiny_backbone, tiny_images, batch_output):
+    text = encode_prompt_ensemble(tiny_backbone, "screw")
+    with torch.no_grad():
+        image = F.normalize(tiny_backbone.encode_image(tiny_images[1:2]), dim=-1)
+    expected = ((image @ text.T) / 0.07).softmax(-1)[0, 1]
+    assert float(batch_output.scores[1]) == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_batch_size_does_not_change_results(winclip, tiny_images, batch_output):
+    names = ["bottle", "screw", "bottle"]
+    singles = [winclip(tiny_images[i:i + 1], [names[i]]) for i in range(3)]
+    torch.testing.assert_close(torch.cat([s.scores for s in singles]), batch_output.scores, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([s.maps for s in singles]), batch_output.maps, atol=1e-5, rtol=1e-5)
+
+
+def test_class_name_changes_the_query(winclip, tiny_images, batch_output):
+    # image 0 was scored as "bottle"; as "screw" its score and map must move
+    as_screw = winclip(tiny_images[:1], ["screw"])
+    assert abs(float(as_screw.scores[0]) - float(batch_output.scores[0])) > 1e-4
+    assert not torch.allclose(as_screw.maps[0], batch_output.maps[0])
+    assert {"bottle", "screw"} <= set(winclip._text_cache)  # each name encoded once, then cached
+
+
+def test_default_class_name_is_object(winclip, tiny_images):
+    torch.testing.assert_close(winclip(tiny_images[:1]).scores, winclip(tiny_images[:1], ["object"]).scores)
+
+
+def test_ablation_fields_change_outputs(tiny_backbone, tiny_images, batch_output):
+    base = batch_output.maps[:1]
+    names = ["bottle"]
+    no_image = build_method("winclip", backbone=tiny_backbone, include_image_score=False)(tiny_images[:1], names)
+    mean_fusion = build_method("winclip", backbone=tiny_backbone, scale_fusion="mean")(tiny_images[:1], names)
+    blurred = build_method("winclip", backbone=tiny_backbone, blur_sigma=4.0)(tiny_images[:1], names)
+    for variant in (no_image, mean_fusion, blurred):
+        assert variant.maps.shape == base.shape and not torch.allclose(variant.maps, base)
+    torch.testing.assert_close(blurred.maps, ops.gaussian_blur(base, 4.0))
+    expected_no_image = 2 / (1 / no_image.extras["scale_maps"][2] + 1 / no_image.extras["scale_maps"][3])
+    torch.testing.assert_close(no_image.extras["grid_map"], expected_no_image)
+
+
+def test_config_is_a_dataclass_with_commented_defaults():
+    names = {f.name for f in dataclasses.fields(WinCLIPConfig)}
+    assert {"scales", "temperature", "include_image_score", "window_batch", "templates", "k_shot"} <= names

@@ -1,0 +1,23 @@
+"""ZSAD methods: one module per method, one contract (images -> scores [B], maps [B, H, W])."""
+from .base import (
+    AnomalyMethod,
+    MethodConfig,
+    MethodError,
+    MethodOutput,
+    build_method,
+    get_method_class,
+    list_methods,
+    register_method,
+)
+from . import _load_all  # noqa: F401  (registers the built-in methods)
+
+__all__ = [
+    "AnomalyMethod",
+    "MethodConfig",
+    "MethodError",
+    "MethodOutput",
+    "build_method",
+    "get_method_class",
+    "list_methods",
+    "register_method",
+]

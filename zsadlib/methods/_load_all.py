@@ -1,0 +1,4 @@
+"""Import every built-in method module so that it registers itself."""
+from . import winclip  # noqa: F401
+from . import april_gan  # noqa: F401
+from . import anomalyclip  # noqa: F401

@@ -1,0 +1,229 @@
+"""The method contract shared by every ZSAD method in zsadlib.
+
+A method is a config dataclass (paper defaults, one commented field per knob) plus an ``nn.Module`` that maps
+a batch of normalised images (and class names, for methods that put them in prompts) to image scores [B] and
+anomaly maps [B, H, W] at the input resolution. Methods are registered by name::
+
+    @register_method
+    class WinCLIP(AnomalyMethod):
+        name = "winclip"
+        config_class = WinCLIPConfig
+
+    method = build_method("winclip", backbone="tiny", pretrained=None)   # or a loaded Backbone
+    out = method(images, class_names)        # MethodOutput(scores [B], maps [B, H, W], extras)
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import torch
+from torch import nn
+
+from ..backbone import Backbone, load_backbone
+
+__all__ = [
+    "MethodConfig",
+    "MethodOutput",
+    "AnomalyMethod",
+    "MethodError",
+    "register_method",
+    "list_methods",
+    "get_method_class",
+    "build_method",
+]
+
+
+class MethodError(ValueError):
+    """Unknown method or a bad option of one."""
+
+
+@dataclass
+class MethodConfig:
+    """Fields every method has. Subclasses override the defaults with their paper's values."""
+
+    backbone: str = "ViT-L-14-336-quickgelu"  # open_clip model name
+    pretrained: str | None = "openai"  # open_clip tag, a local checkpoint file, or None (random weights)
+    image_size: int = 518  # square input size (pixel metrics are computed at this size)
+    pos_embed_resize: str = "bilinear"  # "bilinear" (reference code) | "bicubic_antialias" (open_clip)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "MethodConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise MethodError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(known)}")
+        converted = {}
+        for f in dataclasses.fields(cls):
+            if f.name in values:
+                value = values[f.name]
+                if isinstance(value, list):  # JSON round trip turns tuples into lists
+                    value = tuple(value)
+                converted[f.name] = value
+        return cls(**converted)
+
+    def replace(self, **changes) -> "MethodConfig":
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise MethodError(f"unknown {type(self).__name__} fields {unknown}; known: {sorted(known)}")
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class MethodOutput:
+    """scores: [B] image anomaly scores; maps: [B, H, W] anomaly maps at input resolution; extras: per-method
+    intermediate results (e.g. ``layer_maps`` [B, n_layers, H, W]) for notebooks and ablations."""
+
+    scores: torch.Tensor
+    maps: torch.Tensor
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class AnomalyMethod(nn.Module):
+    """Base class: ``forward(images [B,3,S,S], class_names list[str] | None) -> MethodOutput``."""
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    uses_class_names: ClassVar[bool] = False  # whether the class name enters the prompts
+    trainable: ClassVar[bool] = False  # whether it has learned parameters (prompt learning)
+    paper: ClassVar[str] = ""
+
+    def __init__(self, config: MethodConfig, backbone: Backbone):
+        super().__init__()
+        self.config = config
+        self.backbone = backbone
+
+    def forward(self, images: torch.Tensor, class_names: Sequence[str] | None = None) -> MethodOutput:
+        raise NotImplementedError
+
+    def _class_names(self, class_names: Sequence[str] | None, batch: int) -> list[str]:
+        if class_names is None:
+            if self.uses_class_names:
+                return ["object"] * batch
+            return [""] * batch
+        if len(class_names) != batch:
+            raise MethodError(f"got {len(class_names)} class names for a batch of {batch} images")
+        return [str(name) for name in class_names]
+
+    # -- learned parameters (prompt-learning methods) -------------------------------------------------------
+    def learned_parameters(self) -> dict[str, nn.Parameter]:
+        """Named parameters that training updates: everything with ``requires_grad`` outside the frozen backbone."""
+        return {name: p for name, p in self.named_parameters()
+                if p.requires_grad and not name.startswith("backbone.")}
+
+    def parameter_groups(self, lr: float) -> list[dict[str, Any]]:
+        """Optimiser parameter groups; methods with several learning rates (ViP2-CLIP) override this."""
+        return [{"params": list(self.learned_parameters().values()), "lr": lr}]
+
+    def training_loss(self, images: torch.Tensor, masks: torch.Tensor | None, labels: torch.Tensor,
+                      class_names: Sequence[str]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of one batch (images [B,3,S,S], masks [B,S,S] bool or None, labels [B]) and its named parts.
+
+        ``masks=None`` means the training set has no pixel annotations: the method uses its image loss only.
+        """
+        raise MethodError(f"method {self.name!r} is training-free (no learned parameters)")
+
+    def learned_state_dict(self) -> dict[str, torch.Tensor]:
+        """The learned parameters only (what checkpoints hold), detached, on their device."""
+        return {name: p.detach() for name, p in self.learned_parameters().items()}
+
+    def load_learned_state_dict(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+        """Load learned parameters strictly: every key present, no extra key, same shapes; says what differs."""
+        own = self.learned_parameters()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        mismatched = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}" for k in own
+                      if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+        if missing or unexpected or mismatched:
+            parts = []
+            if missing:
+                parts.append(f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+            if unexpected:
+                parts.append(f"unexpected {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}")
+            if mismatched:
+                parts.append(f"shape mismatch {mismatched[:4]}")
+            raise MethodError(f"{source} does not fit {self.name}: " + "; ".join(parts))
+        with torch.no_grad():
+            for name, parameter in own.items():
+                parameter.copy_(state[name].to(device=parameter.device, dtype=parameter.dtype))
+
+    def load_checkpoint(self, path: str) -> dict[str, Any]:
+        """Load a training checkpoint (safetensors + JSON) made by :mod:`zsadlib.train`; returns its metadata."""
+        from ..train import load_checkpoint
+
+        return load_checkpoint(self, path)
+
+    def describe(self) -> dict[str, Any]:
+        """What metrics.json records about the method."""
+        return {"method": self.name, "paper": self.paper, "config": self.config.to_dict(),
+                "backbone": dict(self.backbone.info)}
+
+
+_REGISTRY: dict[str, type[AnomalyMethod]] = {}
+
+
+def register_method(cls: type[AnomalyMethod]) -> type[AnomalyMethod]:
+    if not cls.name:
+        raise MethodError(f"{cls.__name__} has no name")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def list_methods() -> list[str]:
+    from . import _load_all  # noqa: F401 - importing registers the built-in methods
+
+    return sorted(_REGISTRY)
+
+
+def get_method_class(name: str) -> type[AnomalyMethod]:
+    names = list_methods()
+    if name not in _REGISTRY:
+        raise MethodError(f"unknown method {name!r}; available: {', '.join(names)}")
+    return _REGISTRY[name]
+
+
+def build_method(
+    name: str,
+    backbone: Backbone | str | None = None,
+    pretrained: str | None | type(...) = ...,
+    image_size: int | None = None,
+    device: str | torch.device = "auto",
+    config: MethodConfig | dict | None = None,
+    **overrides: Any,
+) -> AnomalyMethod:
+    """Build a registered method with its paper defaults, changing only what is passed.
+
+    Args:
+        name: a name from :func:`list_methods`.
+        backbone: a loaded :class:`Backbone`, or an open_clip model name (default: the paper's).
+        pretrained: tag / file / None for the backbone (default: the paper's).
+        image_size: input size (default: the paper's).
+        config: a full config (or dict of fields) to start from instead of the paper defaults.
+        overrides: config fields to change (ablations change fields, never code).
+    """
+    cls = get_method_class(name)
+    if config is None:
+        config = cls.config_class()
+    elif isinstance(config, dict):
+        config = cls.config_class.from_dict(config)
+    changes = dict(overrides)
+    if isinstance(backbone, str):
+        changes["backbone"] = backbone
+    if pretrained is not ...:
+        changes["pretrained"] = pretrained
+    if image_size is not None:
+        changes["image_size"] = image_size
+    config = config.replace(**changes)
+    if not isinstance(backbone, Backbone):
+        backbone = load_backbone(config.backbone, pretrained=config.pretrained, image_size=config.image_size,
+                                 device=device, pos_embed_resize=config.pos_embed_resize)
+    else:
+        config = config.replace(backbone=backbone.info["name"], pretrained=backbone.info["pretrained"],
+                                image_size=backbone.image_size)
+    method = cls(config, backbone)
+    return method.to(backbone.device)
