@@ -24,3 +24,16 @@ def tiny_backbone():
 def tiny_images():
     generator = torch.Generator().manual_seed(0)
     return torch.randn(3, 3, TINY_SIZE, TINY_SIZE, generator=generator)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--regen-notebook-expected", action="store_true", default=False,
+                     help="rewrite tests/notebooks/expected/*.json from this run's metrics.json")
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    """The default synthetic dataset, generated once per test session."""
+    from zsadlib.data.synthetic import ensure_synthetic
+
+    return ensure_synthetic(tmp_path_factory.mktemp("synthetic") / "synthetic", progress=False)

@@ -1,0 +1,96 @@
+"""Evaluation engine: per-class table equals the metrics of the maps computed directly; outputs; precision."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from zsadlib import metrics
+from zsadlib.data import collate_samples, open_dataset
+from zsadlib.evaluate import autocast, evaluate, run_method
+from zsadlib.methods import build_method
+
+from .conftest import TINY_SIZE
+
+
+@pytest.fixture(scope="module")
+def winclip_tiny(tiny_backbone):
+    return build_method("winclip", backbone=tiny_backbone)
+
+
+@pytest.fixture(scope="module")
+def small_dataset(synthetic_root):
+    dataset = open_dataset("synthetic", synthetic_root, classes=["carpet", "bottle", "widget2"], image_size=TINY_SIZE)
+    return dataset.subset(max_per_class=4, seed=0)
+
+
+def test_evaluate_matches_direct_metrics_and_writes_outputs(winclip_tiny, small_dataset, tmp_path):
+    # one batch, as the reference below: batching moves maps by ~1e-7, which linear200's grid can amplify
+    result = evaluate(winclip_tiny, small_dataset, out_dir=tmp_path, batch_size=len(small_dataset), progress=False)
+    # plain reference: every map in memory, metrics computed in one call
+    batch = collate_samples([small_dataset[i] for i in range(len(small_dataset))])
+    output = run_method(winclip_tiny, batch.images, batch.class_names)
+    expected = metrics.compute_table(batch.labels, output.scores, batch.masks, output.maps, batch.class_names)
+    assert list(result.table.index) == list(expected.index)
+    np.testing.assert_allclose(result.table.to_numpy(), expected.to_numpy(), atol=1e-6, equal_nan=True)
+
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(summary["metrics"]) == set(metrics.METRIC_KEYS)
+    assert sorted(summary["per_class"]) == ["bottle", "carpet", "widget2"]
+    assert summary["random_weights"] is True and "mean nothing" in summary["note"]
+    assert summary["method"]["config"]["image_size"] == TINY_SIZE
+    assert summary["preprocessing"]["image_size"] == TINY_SIZE
+    assert summary["versions"]["torch"] and summary["run"]["seed"] == 0
+    assert summary["dataset"]["images"] == len(small_dataset)
+    with open(tmp_path / "scores.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(small_dataset)
+    np.testing.assert_allclose([float(r["score"]) for r in rows], output.scores.numpy(), atol=1e-6)
+
+
+def test_batch_size_does_not_change_results(winclip_tiny, small_dataset):
+    one = evaluate(winclip_tiny, small_dataset, batch_size=1, progress=False)
+    many = evaluate(winclip_tiny, small_dataset, batch_size=5, progress=False)
+    np.testing.assert_allclose(one.scores, many.scores, atol=1e-5)
+    np.testing.assert_allclose(one.table.to_numpy(), many.table.to_numpy(), atol=1e-4, equal_nan=True)
+
+
+def test_reduced_precision_stays_close(winclip_tiny, small_dataset):
+    batch = collate_samples([small_dataset[i] for i in range(4)])
+    full = run_method(winclip_tiny, batch.images, batch.class_names, precision="fp32")
+    half = run_method(winclip_tiny, batch.images, batch.class_names, precision="bf16")
+    assert half.maps.dtype == torch.float32
+    assert (full.maps - half.maps).abs().max() < 0.05
+    assert (full.scores - half.scores).abs().max() < 0.05
+    assert not torch.equal(full.maps, half.maps)  # the switch really changes the arithmetic
+
+
+def test_precision_switch_errors():
+    with pytest.raises(ValueError, match="precision"):
+        with autocast(torch.device("cpu"), "fp8"):
+            pass
+    with pytest.raises(ValueError, match="needs CUDA"):
+        with autocast(torch.device("cpu"), "fp16"):
+            pass
+
+
+def test_image_size_mismatch_is_clear(winclip_tiny, synthetic_root):
+    dataset = open_dataset("synthetic", synthetic_root, classes=["carpet"], image_size=224)
+    with pytest.raises(ValueError, match="image_size=112"):
+        evaluate(winclip_tiny, dataset, progress=False)
+
+
+def test_image_label_only_dataset_gives_nan_pixel_metrics(winclip_tiny, tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for folder in ("good", "bad"):
+        (tmp_path / "parts" / folder).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "parts" / folder / f"{i}.png")
+    dataset = open_dataset("folder", tmp_path / "parts", image_size=TINY_SIZE)
+    with pytest.warns(metrics.UndefinedMetricWarning):
+        result = evaluate(winclip_tiny, dataset, progress=False)
+    assert np.isnan(result.metrics["pixel_auroc"] if result.metrics["pixel_auroc"] is not None else np.nan)
+    assert result.metrics["image_auroc"] is not None

@@ -1,0 +1,217 @@
+"""The ``zsad`` command.
+
+    zsad methods                                   list the methods
+    zsad data synth --out data/synthetic           generate the synthetic dataset
+    zsad eval --method winclip --dataset mvtec --data-root DIR [--classes ...] [--out DIR]
+    zsad predict --method winclip IMAGE_OR_FOLDER... --out DIR
+    zsad demo                                      the main job on the synthetic data
+
+Errors are one line on stderr and a non-zero exit code; ``--debug`` shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+EXIT_ERROR = 2
+
+
+class CLIError(Exception):
+    """A user-facing error raised by the CLI itself."""
+
+
+def _pretrained_arg(value: str | None):
+    if value is None:
+        return ...
+    return None if value.lower() in ("none", "random") else value
+
+
+def _build(args) -> "object":
+    from .methods import build_method, get_method_class
+
+    cls = get_method_class(args.method)
+    method = build_method(args.method, backbone=args.backbone, pretrained=_pretrained_arg(args.pretrained),
+                          image_size=args.image_size, device=args.device)
+    checkpoint = getattr(args, "checkpoint", None)
+    if checkpoint:
+        if not cls.trainable:
+            raise CLIError(f"--checkpoint {checkpoint}: method {args.method!r} has no learned parameters")
+        method.load_checkpoint(checkpoint)
+    return method
+
+
+def _cmd_methods(args) -> int:
+    from .methods import get_method_class, list_methods
+
+    for name in list_methods():
+        cls = get_method_class(name)
+        config = cls.config_class()
+        kind = "learned prompts" if cls.trainable else "training-free"
+        print(f"{name:12s} {kind:16s} {config.backbone} ({config.pretrained}) @ {config.image_size}px  {cls.paper}")
+    return 0
+
+
+def _cmd_synth(args) -> int:
+    from .data.synthetic import generate
+
+    root = generate(args.out, seed=args.seed, image_size=args.size, progress=not args.quiet)
+    print(f"synthetic dataset written to {root}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .data import open_dataset
+    from .evaluate import evaluate, format_table
+
+    method = _build(args)
+    dataset = open_dataset(args.dataset, args.data_root, split=args.split, classes=args.classes,
+                           image_size=method.backbone.image_size)
+    if args.max_per_class:
+        dataset = dataset.subset(max_per_class=args.max_per_class, seed=args.seed)
+    result = evaluate(method, dataset, out_dir=args.out, batch_size=args.batch_size, precision=args.precision,
+                      num_workers=args.workers, seed=args.seed, progress=not args.quiet,
+                      extra_info={"argv": args.argv})
+    print(format_table(result.table))
+    if result.summary.get("random_weights"):
+        print("note: random (tiny) weights; these numbers mean nothing")
+    if args.out:
+        from .viz import plot_class_metrics
+
+        figure = plot_class_metrics(result.table, title=f"{method.name} on {args.dataset}")
+        figure.savefig(Path(args.out) / "per_class.png", dpi=120)
+        print(f"wrote {Path(args.out) / 'metrics.json'}, scores.csv, per_class.png")
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    from .predict import collect_images, predict_images, write_predictions
+
+    method = _build(args)
+    paths = collect_images(args.inputs)
+    predictions = predict_images(method, paths, class_name=args.class_name, batch_size=args.batch_size,
+                                 precision=args.precision, progress=not args.quiet)
+    scores = write_predictions(predictions, args.out, save_npy=args.npy)
+    if method.backbone.info.get("random_weights"):
+        print("note: random (tiny) weights; these heatmaps mean nothing")
+    print(f"{len(paths)} images: maps and overlays in {args.out}, scores in {scores}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(out_dir=args.out, data_root=args.data_root, max_per_class=args.max_per_class,
+             force_tiny=args.tiny, device=args.device, progress=not args.quiet)
+    return 0
+
+
+def _add_model_args(parser: argparse.ArgumentParser, with_checkpoint: bool = True) -> None:
+    parser.add_argument("--method", required=True, help="a method from `zsad methods`")
+    parser.add_argument("--backbone", default=None, help="open_clip model name (default: the paper's), or 'tiny'")
+    parser.add_argument("--pretrained", default=None,
+                        help="open_clip tag, a local weights file, or 'none' (default: the paper's)")
+    parser.add_argument("--image-size", type=int, default=None, help="input size (default: the paper's)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--batch-size", type=int, default=8)
+    if with_checkpoint:
+        parser.add_argument("--checkpoint", default=None, help="learned parameters (.safetensors) of a trained run")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    parser = argparse.ArgumentParser(prog="zsad", parents=[common],
+                                     description="CLIP-based zero-shot anomaly detection (zsadlib)")
+    parser.set_defaults(debug=False, quiet=False)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_parser = sub.add_parser
+
+    def add_parser(name, **kwargs):
+        return _add_parser(name, parents=[common], **kwargs)
+
+    sub.add_parser = add_parser
+
+    sub.add_parser("methods", help="list the methods").set_defaults(func=_cmd_methods)
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    synth = data.add_parser("synth", parents=[common],
+                            help="generate the deterministic synthetic dataset (MVTec AD layout)")
+    synth.add_argument("--out", default="data/synthetic")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--size", type=int, default=256, help="image side in pixels")
+    synth.set_defaults(func=_cmd_synth)
+
+    evaluate = sub.add_parser("eval", help="evaluate a method on a dataset")
+    _add_model_args(evaluate)
+    evaluate.add_argument("--dataset", required=True,
+                          help="mvtec | visa | btad | mpdd | dtd_synthetic | meta_json | folder | synthetic")
+    evaluate.add_argument("--data-root", default=None, help="dataset root folder")
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--classes", nargs="+", default=None)
+    evaluate.add_argument("--max-per-class", type=int, default=None, help="a deterministic subset per class")
+    evaluate.add_argument("--out", default=None, help="output folder for metrics.json, scores.csv, per_class.png")
+    evaluate.add_argument("--workers", type=int, default=0)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.set_defaults(func=_cmd_eval)
+
+    predict = sub.add_parser("predict", help="heatmaps and scores for your own images")
+    _add_model_args(predict)
+    predict.add_argument("inputs", nargs="+", help="image files and/or folders")
+    predict.add_argument("--out", required=True)
+    predict.add_argument("--class-name", default=None, help="object name for methods that prompt with it")
+    predict.add_argument("--npy", action="store_true", help="also save each map as .npy")
+    predict.set_defaults(func=_cmd_predict)
+
+    demo = sub.add_parser("demo", help="the main job on the synthetic data (make demo)")
+    demo.add_argument("--out", default="outputs/demo")
+    demo.add_argument("--data-root", default="data/synthetic")
+    demo.add_argument("--max-per-class", type=int, default=2,
+                      help="images per class (default 2: 14 images, within 5 minutes with real weights on 2 cores)")
+    demo.add_argument("--tiny", action="store_true", help="use the tiny random-weight backbone")
+    demo.add_argument("--device", default="auto")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .backbone import BackboneError, WeightsNotFoundError
+    from .data import DatasetError
+    from .methods import MethodError
+
+    return (CLIError, BackboneError, WeightsNotFoundError, DatasetError, MethodError, FileNotFoundError,
+            ValueError, OSError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    if args.quiet:
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    try:
+        with warnings.catch_warnings():
+            if not args.debug:
+                warnings.filterwarnings("ignore", category=FutureWarning)
+            return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("zsad: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - one line unless --debug
+        if args.debug or not isinstance(error, _user_errors()):
+            if args.debug:
+                raise
+            print(f"zsad: internal error: {type(error).__name__}: {error} (rerun with --debug)", file=sys.stderr)
+            return 1
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"zsad: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Training-free feature probing (notebook 01): per-layer text-similarity maps, plain vs dense dual path.
+
+For each tapped layer, patch embeddings are compared with two plain prompts (``"normal {name}"`` vs
+``"damaged {name}"`` by default), giving the per-layer anomaly map of METHODS.md:
+softmax(cos / 0.07) over {normal, anomalous}, map = (p_anomalous + 1 - p_normal) / 2, upsampled bilinearly.
+With random (tiny) weights the maps are noise; with real CLIP weights they show why the dense V-V path
+is used: plain deep-layer patch tokens are poorly localised.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from . import ops
+from .backbone import Backbone, WeightsNotFoundError, load_backbone
+from .metrics import compute
+
+__all__ = ["load_backbone_or_tiny", "prompt_pair_embeddings", "layer_similarity_maps", "layer_map_metrics",
+           "write_json"]
+
+
+def load_backbone_or_tiny(name: str, pretrained: str | None, image_size: int, device: str = "auto",
+                          allow_tiny: bool = True, announce=print, **kwargs) -> Backbone:
+    """:func:`load_backbone`, falling back to the tiny random-weight backbone (announced) when weights are missing."""
+    try:
+        return load_backbone(name, pretrained=pretrained, image_size=image_size, device=device, **kwargs)
+    except WeightsNotFoundError as error:
+        if not allow_tiny:
+            raise
+        size = max(14, image_size - image_size % 14)
+        announce(f"{error}; falling back to the tiny random-weight backbone at {size}px: outputs mean nothing")
+        return load_backbone("tiny", pretrained=None, image_size=size, device=device, **kwargs)
+
+
+def prompt_pair_embeddings(backbone: Backbone, class_name: str = "object",
+                           templates: Sequence[str] = ("normal {}", "damaged {}")) -> torch.Tensor:
+    """Normalised text embeddings [2, D] of the (normal, anomalous) prompts for one class name."""
+    with torch.inference_mode():
+        return backbone.encode_text([t.format(class_name) for t in templates], normalize=True)
+
+
+@torch.inference_mode()
+def layer_similarity_maps(backbone: Backbone, images: torch.Tensor, class_names: Sequence[str] | None = None,
+                          layers: Sequence[int] = (6, 12, 18, 24), dense_from: int | None = None,
+                          dense_attention: str = "vv", temperature: float = 0.07) -> torch.Tensor:
+    """Per-layer anomaly maps.
+
+    Args:
+        images: [B, 3, S, S] normalised.
+        class_names: B names put in the prompts (default "object").
+        layers, dense_from, dense_attention: see :meth:`Backbone.forward_features`.
+    Returns:
+        [B, L, S, S] maps in [0, 1], one per tapped layer.
+    """
+    images = images.to(backbone.device)
+    names = list(class_names) if class_names is not None else ["object"] * images.shape[0]
+    features = backbone.forward_features(images, layers=layers, dense_from=dense_from,
+                                         dense_attention=dense_attention)
+    unique = sorted(set(names))
+    text_by_name = {name: prompt_pair_embeddings(backbone, name) for name in unique}
+    text = torch.stack([text_by_name[name] for name in names])  # [B, 2, D]
+    grid = features.grid_size
+    per_layer = []
+    for patches in features.patch_embeddings:
+        probabilities = ops.anomaly_probability(patches, text, temperature=temperature)  # [B, N, 2]
+        per_layer.append(ops.layer_anomaly_map(probabilities, grid))  # [B, h, w]
+    maps = torch.stack(per_layer, dim=1)  # [B, L, h, w]
+    return ops.upsample_maps(maps, tuple(images.shape[-2:]))
+
+
+def layer_map_metrics(maps: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
+                      layers: Sequence[int]) -> dict[str, dict[str, float | None]]:
+    """Pixel AUROC / AUPRO and image AUROC (max of the map) of each layer's map.
+
+    maps: [B, L, S, S]; masks: [B, S, S] bool; labels: [B]. Returns {layer: {metric: value}}.
+    """
+    out: dict[str, dict[str, float | None]] = {}
+    for index, layer in enumerate(layers):
+        layer_maps = maps[:, index].float().cpu()
+        scores = layer_maps.flatten(1).amax(dim=1)
+        values = compute(labels.cpu(), scores, masks.cpu(), layer_maps, aupro_variants=("mvtec",))
+        out[str(layer)] = {key: (None if np.isnan(values[key]) else round(float(values[key]), 6))
+                           for key in ("pixel_auroc", "aupro_mvtec", "image_auroc")}
+    return out
+
+
+def write_json(path: str | Path, content: dict[str, Any]) -> Path:
+    """Write JSON (NaN -> null), creating the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def clean(value):
+        if isinstance(value, dict):
+            return {str(k): clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        if isinstance(value, float) and np.isnan(value):
+            return None
+        if isinstance(value, (np.floating, np.integer)):
+            return value.item()
+        return value
+
+    path.write_text(json.dumps(clean(content), indent=2))
+    return path
+

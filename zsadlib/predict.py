@@ -1,0 +1,112 @@
+"""Heatmaps for arbitrary user images: any size or format the data readers accept.
+
+Each image is read (16-bit, grayscale, RGBA and palette images are converted as documented in
+``data/README.md``; unreadable files raise a ``DatasetError`` naming the file), transformed like the
+benchmarks, scored, and its map resized back to the file's own size for the outputs.
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import DatasetError, read_image
+from .data.base import IMAGE_EXTENSIONS
+from .data.transforms import ImageTransform
+from .evaluate import run_method
+from .methods.base import AnomalyMethod
+from .viz import save_map_png, save_overlay
+
+__all__ = ["collect_images", "predict_images", "write_predictions", "Prediction"]
+
+
+@dataclass
+class Prediction:
+    """path: the input file; score: image anomaly score; amap: [H, W] float32 map at the file's own size."""
+
+    path: Path
+    score: float
+    amap: np.ndarray
+
+
+def collect_images(inputs: Iterable[str | Path]) -> list[Path]:
+    """Files and folders (their image files, sorted, not recursive) -> image paths.
+
+    Raises DatasetError naming a missing path or a folder with no images.
+    """
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise DatasetError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in folder {path}")
+            paths.extend(found)
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise DatasetError(f"no such file or folder: {path}")
+    if not paths:
+        raise DatasetError("no input images given")
+    return paths
+
+
+def predict_images(
+    method: AnomalyMethod,
+    paths: Sequence[str | Path],
+    class_name: str | None = None,
+    batch_size: int = 8,
+    precision: str = "fp32",
+    progress: bool = True,
+) -> Iterable[Prediction]:
+    """Yield a :class:`Prediction` per image, in input order (batched internally)."""
+    transform = ImageTransform(method.backbone.image_size)
+    paths = [Path(p) for p in paths]
+    bar = tqdm(total=len(paths), desc=f"{method.name}: predict", unit="img", disable=not progress)
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        images = [read_image(p) for p in chunk]
+        sizes = [(im.size[1], im.size[0]) for im in images]
+        batch = torch.stack([transform(im) for im in images])
+        names = [class_name or "object"] * len(chunk)
+        output = run_method(method, batch, names, precision=precision)
+        for i, path in enumerate(chunk):
+            amap = F.interpolate(output.maps[i][None, None], size=sizes[i], mode="bilinear", align_corners=False)
+            yield Prediction(path=path, score=float(output.scores[i]), amap=amap[0, 0].cpu().numpy())
+        bar.update(len(chunk))
+    bar.close()
+
+
+def write_predictions(predictions: Iterable[Prediction], out_dir: str | Path, save_npy: bool = False) -> Path:
+    """Write ``<stem>_map.png``, ``<stem>_overlay.png`` (and ``<stem>_map.npy``) per image and ``scores.csv``.
+
+    Returns the path of scores.csv. Stems that repeat (same name in two folders) get a numeric suffix.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    used: dict[str, int] = {}
+    rows = []
+    for prediction in predictions:
+        stem = prediction.path.stem
+        used[stem] = used.get(stem, 0) + 1
+        if used[stem] > 1:
+            stem = f"{stem}_{used[stem]}"
+        save_map_png(out / f"{stem}_map.png", prediction.amap)
+        save_overlay(out / f"{stem}_overlay.png", read_image(prediction.path), prediction.amap)
+        if save_npy:
+            np.save(out / f"{stem}_map.npy", prediction.amap.astype(np.float32))
+        rows.append({"path": str(prediction.path), "output_stem": stem, "score": prediction.score,
+                     "map_max": float(prediction.amap.max())})
+    scores_path = out / "scores.csv"
+    with open(scores_path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "output_stem", "score", "map_max"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return scores_path
+
