@@ -72,6 +72,21 @@ def make_set(seed: int, n: int = 8, h: int = 24, w: int = 24, levels: int | None
     return masks, maps
 
 
+def test_test_data_is_demanding():
+    # the sets used below hold normal images, images with several regions, diagonal-only contacts
+    # and (quantised) ties, so the comparisons with the plain loops exercise those cases
+    n_regions, diagonal_merges = [], 0
+    for seed in range(4):
+        masks, maps = make_set(seed, n=6, h=20, w=20, levels=7)
+        for m in masks:
+            n8 = ndimage.label(m, structure=np.ones((3, 3)))[1]
+            n4 = ndimage.label(m)[1]
+            n_regions.append(n8)
+            diagonal_merges += n4 > n8
+        assert np.unique(maps).size <= 7
+    assert 0 in n_regions and max(n_regions) >= 2 and diagonal_merges > 0
+
+
 def sk_f1_max(y, s) -> float:
     p, r, _ = precision_recall_curve(y, s)
     with np.errstate(invalid="ignore", divide="ignore"):

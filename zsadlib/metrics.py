@@ -299,26 +299,29 @@ def _mvtec_area(wsum: np.ndarray, bins: _RankBins, n_neg: int, max_fpr: float) -
     """Exact MVTec AUPRO from the PRO weight per distinct anomalous score [D] and the normal pixels'
     bins against those scores.
 
-    In descending score order the curve is a chain of segments, one per bin: normal pixels strictly
-    between u[j-1] and u[j] move the FPR at constant PRO A_j (the PRO weight of scores >= u[j]);
-    normal pixels tied with u[j-1] form one straight segment from A_j to A_{j-1}. Zero-width
-    (vertical) steps add no trapezoid area, so the area is a sum over bins, cut at max_fpr with
-    linear interpolation, divided by max_fpr.
+    Walking down from the highest score, bin j first adds lt[j] normal pixels at the constant PRO
+    a[j] (the PRO weight of the scores >= u[j]), then eq[j] normal pixels tied with u[j-1], which
+    form one straight segment from a[j] up to a[j-1]. Vertical steps add no trapezoid area, so the
+    area is a sum over bins; the bin crossing max_fpr is cut with linear interpolation.
     """
-    a_bin = np.append(_suffix_sum(wsum), 0.0)  # [D+1] PRO of the scores above bin j
-    # segments from the highest scores down: lt[D], eq[D], lt[D-1], eq[D-1], ..., lt[1], eq[1], lt[0]
-    cnt = np.append(np.stack([bins.lt[1:], bins.eq[1:]], 1)[::-1].ravel(), bins.lt[0])
-    p0 = np.append(np.stack([a_bin[1:], a_bin[1:]], 1)[::-1].ravel(), a_bin[0])
-    p1 = np.append(np.stack([a_bin[1:], a_bin[:-1]], 1)[::-1].ravel(), a_bin[0])
-    cum_end = np.cumsum(cnt)
+    a = np.append(_suffix_sum(wsum), 0.0)  # [D+1]
+    a_prev = np.append(a[0], a[:-1])  # a[j-1] (eq[0] = 0, so its value at j = 0 is irrelevant)
+    lt, eq = bins.lt.astype(np.float64), bins.eq.astype(np.float64)
+    end = _suffix_sum(lt + eq)  # normal pixels at or above bin j, i.e. counted once bin j is done
+    start = end - lt - eq
     limit = max_fpr * n_neg  # the cut, in normal-pixel counts
-    k = int(np.searchsorted(cum_end, limit, side="right"))  # segments [0, k) end at or before it
-    area = float(np.dot(0.5 * (p0[:k] + p1[:k]), cnt[:k]))
-    if k < cnt.size:  # the segment crossing the cut, interpolated
-        start = float(cum_end[k] - cnt[k])
-        y = p0[k] + (p1[k] - p0[k]) * (limit - start) / cnt[k]
-        area += 0.5 * (p0[k] + y) * (limit - start)
-    return float(area / n_neg / max_fpr)
+    done = end <= limit
+    area = float(np.dot(lt[done], a[done]) + 0.5 * np.dot(eq[done], (a + a_prev)[done]))
+    if not done.all():
+        j = int(np.flatnonzero(~done)[-1])  # the highest bin not finished at the cut
+        rest = limit - start[j]
+        if rest <= lt[j]:
+            area += a[j] * rest
+        else:
+            rest -= lt[j]
+            y = a[j] + (a_prev[j] - a[j]) * rest / eq[j]
+            area += a[j] * lt[j] + 0.5 * (a[j] + y) * rest
+    return area / n_neg / max_fpr
 
 
 # --------------------------------------------------------------------------------------------
@@ -514,7 +517,9 @@ def _count_pass(maps, dtype: torch.dtype, u: np.ndarray | None, grid: np.ndarray
     chunks = _chunks(n, h * w, chunk_pixels)
     buf = None
     if _numpy_path(maps):
-        buf = np.empty(max(b - a for a, b in chunks) * h * w, dtype=np_dtype)
+        # allocated through torch: numpy asks for transparent huge pages on large arrays, whose
+        # first touch can stall for a long time on a fragmented machine
+        buf = torch.empty(max(b - a for a, b in chunks) * h * w, dtype=dtype).numpy()
     for a, b in tqdm(chunks, desc="metrics: ranks", disable=not progress, leave=False):
         sv = _sorted_flat(maps[a:b].to(dtype), buf)
         if u is not None:
@@ -621,7 +626,8 @@ def aupro(masks: Any, maps: Any, variant: str = "mvtec", max_fpr: float = 0.3, *
 
     variant "mvtec" (MVTec AD definition, exact curve) or "linear200" (the seed papers' code);
     see the module docstring. NaN with an UndefinedMetricWarning when undefined. chunk_pixels
-    bounds the pixels sorted at once (default: automatic, at least 2^25).
+    bounds the pixels processed at once (default: automatic, see _auto_chunk); progress shows
+    tqdm bars over the chunks.
     """
     if variant not in AUPRO_VARIANTS:
         raise ValueError(f"unknown AUPRO variant {variant!r}; choose from {AUPRO_VARIANTS}")
@@ -651,6 +657,9 @@ def pixel_metrics(masks: Any, maps: Any, *, chunk_pixels: int | None = None,
 
 def _compute(labels, scores, masks, maps, *, aupro_variants, max_fpr, chunk_pixels, progress):
     """compute() without the warning -> (values, reasons)."""
+    unknown = [v for v in aupro_variants if v not in AUPRO_VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown AUPRO variants {unknown}; choose from {AUPRO_VARIANTS}")
     values: dict[str, float] = {}
     reasons: dict[str, str] = {}
     if labels is None or scores is None:
