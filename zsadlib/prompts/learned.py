@@ -34,8 +34,7 @@ Example (tiny random-weight backbone)::
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -109,8 +108,6 @@ class LearnedPromptText(nn.Module):
         super().__init__()
         config = config or LearnedPromptConfig()
         if overrides:
-            from dataclasses import replace
-
             config = replace(config, **overrides)
         self.config = config
         # not a submodule: keeps the frozen CLIP out of this module's parameters and state dict

@@ -1,0 +1,158 @@
+"""zsadlib.losses against plain per-pixel implementations (Python loops / numpy) and simple properties."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from zsadlib.losses import dice_loss, focal_loss, image_cross_entropy
+
+
+# ---- plain references ---------------------------------------------------------------------------------------
+def plain_focal(probs, target, gamma=2.0, alpha=None, smooth=1e-5, balance_index=0):
+    """One pixel at a time: smoothed one-hot, pt = <onehot, p> + smooth, -w_t (1 - pt)^gamma log pt, mean."""
+    p = np.asarray(probs, dtype=np.float64)
+    t = np.asarray(target)
+    batch, classes, height, width = p.shape
+    if alpha is None:
+        weights = [1.0] * classes
+    elif isinstance(alpha, float):
+        weights = [1.0 - alpha] * classes
+        weights[balance_index] = alpha
+    else:
+        total = float(sum(alpha))
+        weights = [a / total for a in alpha]
+    losses = []
+    for b in range(batch):
+        for y in range(height):
+            for x in range(width):
+                true_class = int(t[b, y, x])
+                pt = 0.0
+                for c in range(classes):
+                    hot = 1.0 if c == true_class else 0.0
+                    if smooth:
+                        hot = min(max(hot, smooth / (classes - 1)), 1.0 - smooth)
+                    pt += hot * p[b, c, y, x]
+                pt += smooth
+                losses.append(-weights[true_class] * (1.0 - pt) ** gamma * math.log(pt))
+    return sum(losses) / len(losses)
+
+
+def plain_dice(pred, target, smooth=1.0):
+    """Per sample (2 * overlap + 1) / (sum p + sum t + 1), one minus the batch mean."""
+    pred = np.asarray(pred, dtype=np.float64)
+    target = np.asarray(target, dtype=np.float64)
+    coefficients = []
+    for p, t in zip(pred, target):
+        overlap = float((p * t).sum())
+        coefficients.append((2 * overlap + smooth) / (p.sum() + t.sum() + smooth))
+    return 1.0 - sum(coefficients) / len(coefficients)
+
+
+def random_probs(batch=2, classes=2, size=5, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, classes, size, size, generator=generator, dtype=torch.float64)
+    target = torch.randint(0, classes, (batch, size, size), generator=generator)
+    return logits.softmax(dim=1), target
+
+
+# ---- focal ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("classes", [2, 3])
+@pytest.mark.parametrize("gamma", [0.0, 2.0, 1.5])
+def test_focal_matches_plain_loop(classes, gamma):
+    probs, target = random_probs(classes=classes, seed=classes)
+    expected = plain_focal(probs.numpy(), target.numpy(), gamma=gamma)
+    assert float(focal_loss(probs, target, gamma=gamma)) == pytest.approx(expected, rel=1e-10)
+
+
+@pytest.mark.parametrize("alpha", [0.25, [1.0, 3.0], [2.0, 1.0, 1.0]])
+def test_focal_alpha_conventions_match_plain_loop(alpha):
+    classes = len(alpha) if isinstance(alpha, list) else 2
+    probs, target = random_probs(classes=classes, seed=7)
+    expected = plain_focal(probs.numpy(), target.numpy(), alpha=alpha)
+    assert float(focal_loss(probs, target, alpha=alpha)) == pytest.approx(expected, rel=1e-10)
+
+
+def test_focal_without_smoothing_is_textbook_focal():
+    probs, target = random_probs(seed=3)
+    pt = probs.gather(1, target[:, None])[:, 0]
+    textbook = (-(1 - pt) ** 2 * pt.log()).mean()
+    assert float(focal_loss(probs, target, smooth=0.0)) == pytest.approx(float(textbook), rel=1e-12)
+
+
+def test_focal_accepts_bool_and_float_masks():
+    probs, target = random_probs(seed=4)
+    reference = focal_loss(probs, target)
+    assert torch.equal(focal_loss(probs, target.bool()), reference)
+    assert torch.equal(focal_loss(probs, target.double()), reference)
+
+
+def test_focal_decreases_as_true_class_probability_rises():
+    target = torch.ones(1, 1, 1, dtype=torch.long)
+    values = []
+    for p in [0.05, 0.2, 0.5, 0.8, 0.95, 0.999]:
+        probs = torch.tensor([1 - p, p], dtype=torch.float64).view(1, 2, 1, 1)
+        values.append(float(focal_loss(probs, target)))
+    assert all(a > b for a, b in zip(values, values[1:]))
+    assert values[-1] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_focal_reductions_and_errors():
+    probs, target = random_probs(seed=5)
+    per_pixel = focal_loss(probs, target, reduction="none")
+    assert per_pixel.shape == (probs.shape[0] * probs.shape[2] * probs.shape[3],)
+    assert float(focal_loss(probs, target, reduction="sum")) == pytest.approx(float(per_pixel.sum()))
+    with pytest.raises(ValueError, match="does not match"):
+        focal_loss(probs, target[:, :2])
+    with pytest.raises(ValueError, match="class indices"):
+        focal_loss(probs, target + 5)
+    with pytest.raises(ValueError, match="smooth"):
+        focal_loss(probs, target, smooth=2.0)
+
+
+def test_focal_gradient_flows():
+    logits = torch.randn(2, 2, 4, 4, requires_grad=True)
+    focal_loss(logits.softmax(dim=1), torch.randint(0, 2, (2, 4, 4))).backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+# ---- dice -----------------------------------------------------------------------------------------------------
+def test_dice_matches_plain_loop():
+    generator = torch.Generator().manual_seed(1)
+    pred = torch.rand(3, 6, 6, generator=generator, dtype=torch.float64)
+    target = torch.rand(3, 6, 6, generator=generator) > 0.7
+    assert float(dice_loss(pred, target)) == pytest.approx(plain_dice(pred.numpy(), target.numpy()), rel=1e-12)
+
+
+def test_dice_is_per_sample_not_global():
+    pred = torch.tensor([[[1.0, 1.0]], [[0.0, 0.0]]])
+    target = torch.tensor([[[1.0, 1.0]], [[1.0, 0.0]]])
+    per_sample = 1 - ((2 * 2 + 1) / (2 + 2 + 1) + (0 + 1) / (0 + 1 + 1)) / 2
+    assert float(dice_loss(pred, target)) == pytest.approx(per_sample)
+    global_sums = 1 - (2 * 2 + 1) / (2 + 3 + 1)
+    assert float(dice_loss(pred, target)) != pytest.approx(global_sums)
+
+
+def test_dice_perfect_prediction_is_zero():
+    target = torch.zeros(2, 8, 8)
+    target[0, 2:5, 3:6] = 1
+    assert float(dice_loss(target.clone(), target)) == 0.0
+    assert float(dice_loss(torch.zeros(1, 4, 4), torch.zeros(1, 4, 4))) == 0.0  # empty mask, empty prediction
+    assert float(dice_loss(1 - target, target)) > 0.9
+
+
+def test_dice_shape_mismatch():
+    with pytest.raises(ValueError, match="same shape"):
+        dice_loss(torch.zeros(2, 4, 4), torch.zeros(2, 4, 5))
+
+
+# ---- image cross-entropy -----------------------------------------------------------------------------------
+def test_image_cross_entropy_matches_numpy():
+    logits = torch.tensor([[2.0, -1.0], [0.3, 0.9], [-0.5, -0.5]])
+    labels = torch.tensor([0, 1, 1])
+    values = logits.numpy().astype(np.float64)
+    log_softmax = values - np.log(np.exp(values).sum(axis=1, keepdims=True))
+    expected = -np.mean([log_softmax[i, labels[i]] for i in range(3)])
+    assert float(image_cross_entropy(logits, labels)) == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError):
+        image_cross_entropy(logits[0], labels)

@@ -1,0 +1,695 @@
+"""Training engine for the learned ZSAD methods: Adam over a method's learned parameters, deterministic and
+resumable, with safetensors checkpoints and a JSON-lines log.
+
+Typical use::
+
+    from zsadlib.data import open_dataset
+    from zsadlib.methods import build_method
+    from zsadlib.train import TrainConfig, train
+
+    method = build_method("april_gan")                               # paper defaults
+    aux = open_dataset("visa", "/data/visa", image_size=method.config.image_size)
+    result = train(method, aux, "runs/april_gan_visa")                # epochs, lr, ... from the method's config
+    # later, elsewhere:
+    method = build_method("april_gan"); method.load_checkpoint("runs/april_gan_visa")
+
+What a run directory holds::
+
+    log.jsonl                     one JSON record per optimiser step: epoch, step, batch, loss, parts, lr, seconds
+    checkpoints/last.safetensors  learned parameters only (CPU, contiguous), written every ``checkpoint_every``
+    checkpoints/last.json         steps and at every epoch end; metadata: method + config, backbone (weights
+    checkpoints/optimizer.pt      checksum), image size, versions, epoch/step/seed, dataset; optimiser + RNG state
+    learned.safetensors           the final learned parameters, and their metadata (same format as last.*)
+    learned.json
+
+Determinism and resume: the visiting order of epoch ``e`` is ``torch.randperm`` from a generator seeded by
+``(seed, e)``, independent of the global RNG, so a run resumed from a checkpoint taken after batch ``k`` of an
+epoch visits exactly the batches an uninterrupted run would, and (same device, same data) ends bit-identical.
+The global RNGs (torch, CUDA, NumPy, Python) are seeded at the start of a fresh run and saved in every
+checkpoint, for methods that draw random numbers while training. A run killed between two checkpoints loses
+the steps after the last one: on resume, ``log.jsonl`` is truncated to the checkpoint's step and those steps
+run again, so the log holds every step exactly once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .data import AnomalyDataset, collate_samples
+from .evaluate import PRECISIONS, autocast
+from .methods.base import AnomalyMethod, MethodConfig, MethodError
+from .utils import package_versions, resolve_device
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "TrainingError",
+    "TrainingWarning",
+    "CheckpointError",
+    "train",
+    "load_checkpoint",
+    "save_learned",
+    "epoch_order",
+    "CHECKPOINT_FORMAT",
+]
+
+CHECKPOINT_FORMAT = "zsadlib-learned-v1"
+LOG_NAME = "log.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+LAST = "last"
+FINAL = "learned"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+class TrainingError(ValueError):
+    """Training cannot start or continue (bad dataset, bad option, checkpoint that does not fit the run)."""
+
+
+class TrainingWarning(UserWarning):
+    """Training goes on, but not as the method's paper trains (e.g. a dataset without pixel masks)."""
+
+
+class CheckpointError(MethodError):
+    """A checkpoint file does not fit the method it is loaded into (wrong method, unreadable file)."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# configuration
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    """Optimisation settings. Defaults are the seed papers' common ground (METHODS.md); use
+    :meth:`from_method` to take a method's own paper values (fields of its config with the same names)."""
+
+    epochs: int = 15  # AnomalyCLIP / APRIL-GAN (VisA -> MVTec AD)
+    batch_size: int = 8  # AnomalyCLIP, APRIL-GAN train.sh
+    lr: float = 1e-3  # Adam learning rate (methods with several groups scale it in parameter_groups)
+    betas: tuple[float, float] = (0.5, 0.999)  # AnomalyCLIP / APRIL-GAN Adam betas
+    weight_decay: float = 0.0  # Adam weight decay (none in the references)
+    seed: int = 111  # AnomalyCLIP / APRIL-GAN setup_seed(111); also seeds every epoch's shuffle
+    num_workers: int = 0  # DataLoader workers
+    precision: str = "fp32"  # "fp32" | "bf16" | "fp16" (CUDA, with a GradScaler) autocast
+    checkpoint_every: int | None = 200  # steps between checkpoints (also at every epoch end); None: epochs only
+    max_steps: int | None = None  # stop (and finish the run) after this many steps in total; None: all epochs
+    device: str | None = None  # None: wherever the method is; else "cpu" / "cuda" / "auto" (the method is moved)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def fields(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_method(cls, method: AnomalyMethod | MethodConfig, **overrides: Any) -> "TrainConfig":
+        """Paper defaults of a method: every TrainConfig field that the method's config also has (epochs,
+        batch_size, lr, betas, seed, ...) is taken from it; ``overrides`` change any field."""
+        config = method.config if isinstance(method, AnomalyMethod) else method
+        known = set(cls.fields())
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TrainingError(f"unknown TrainConfig fields {unknown}; known: {sorted(known)}")
+        values = {}
+        if config is not None:
+            for f in dataclasses.fields(config):
+                if f.name in known:
+                    values[f.name] = getattr(config, f.name)
+        values.update(overrides)
+        if isinstance(values.get("betas"), list):
+            values["betas"] = tuple(values["betas"])
+        return cls(**values)
+
+    def validate(self) -> None:
+        if int(self.epochs) < 1:
+            raise TrainingError(f"epochs must be >= 1, got {self.epochs}")
+        if int(self.batch_size) < 1:
+            raise TrainingError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise TrainingError(f"lr must be > 0, got {self.lr}")
+        if len(tuple(self.betas)) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise TrainingError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.precision not in PRECISIONS:
+            raise TrainingError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
+        if self.checkpoint_every is not None and int(self.checkpoint_every) < 1:
+            raise TrainingError(f"checkpoint_every must be >= 1 or None, got {self.checkpoint_every}")
+        if self.max_steps is not None and int(self.max_steps) < 1:
+            raise TrainingError(f"max_steps must be >= 1 or None, got {self.max_steps}")
+        if int(self.num_workers) < 0:
+            raise TrainingError(f"num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did.
+
+    step: optimiser steps done in total (this call and earlier ones); epoch: epochs completed;
+    finished: all planned steps are done and ``learned.safetensors`` was written; interrupted: stopped early by
+    ``stop_after_steps``; resumed_from_step: the checkpoint's step when the run resumed (None for a fresh run);
+    history: this call's log records.
+    """
+
+    out_dir: Path
+    step: int
+    epoch: int
+    total_steps: int
+    finished: bool
+    interrupted: bool
+    resumed_from_step: int | None
+    last_loss: float | None
+    checkpoint: Path | None
+    learned: Path | None
+    log_path: Path
+    seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------------
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, torch.device):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
+    """The visiting order of one epoch: a permutation [num_samples] from a generator seeded by (seed, epoch)."""
+    generator = torch.Generator().manual_seed(_mix_seed(seed, epoch))
+    return torch.randperm(num_samples, generator=generator)
+
+
+def _mix_seed(seed: int, epoch: int) -> int:
+    digest = hashlib.sha256(f"zsadlib-train:{int(seed)}:{int(epoch)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def describe_dataset(dataset: AnomalyDataset) -> dict[str, Any]:
+    """What a checkpoint records about its training set (with a fingerprint of the image list and order)."""
+    records = getattr(dataset, "records", [])
+    root = Path(getattr(dataset, "root", "."))
+    digest = hashlib.sha256()
+    for record in records:
+        try:
+            name = Path(record.image_path).relative_to(root).as_posix()
+        except ValueError:
+            name = Path(record.image_path).as_posix()
+        digest.update(f"{name}|{record.label}|{record.class_name}\n".encode())
+    labels = [int(r.label) for r in records]
+    return {
+        "kind": getattr(dataset, "kind", type(dataset).__name__),
+        "root": str(root),
+        "split": getattr(dataset, "split", None),
+        "classes": list(getattr(dataset, "class_names", [])),
+        "images": len(dataset),
+        "anomalous": int(sum(labels)),
+        "has_masks": bool(getattr(dataset, "has_masks", False)),
+        "image_size": getattr(dataset, "image_size", None),
+        "fingerprint": digest.hexdigest(),
+    }
+
+
+def _check_dataset(dataset: AnomalyDataset, method: AnomalyMethod) -> bool:
+    """Raise TrainingError for data that cannot train; return whether pixel masks are used."""
+    root = getattr(dataset, "root", "?")
+    if len(dataset) == 0:
+        raise TrainingError(f"the training dataset at {root} is empty: no images to learn from")
+    labels = set(int(label) for label in np.asarray(dataset.labels).reshape(-1))
+    if len(labels) < 2:
+        only = "normal (label 0)" if labels == {0} else "anomalous (label 1)"
+        raise TrainingError(
+            f"the training dataset at {root} holds only {only} images ({len(dataset)} images): the losses need both "
+            f"normal and anomalous examples; train on the test split of an annotated auxiliary dataset"
+        )
+    size = getattr(dataset, "image_size", None)
+    if size is not None and int(size) != method.backbone.image_size:
+        raise TrainingError(
+            f"the training dataset at {root} is resized to {size} px but the backbone expects "
+            f"{method.backbone.image_size}; open it with image_size={method.backbone.image_size}"
+        )
+    if not getattr(dataset, "has_masks", False):
+        warnings.warn(
+            f"the training dataset at {root} has no pixel masks: {method.name} is trained with its image loss only "
+            f"(masks=None), not with the focal/dice map losses of its paper",
+            TrainingWarning,
+            stacklevel=3,
+        )
+        return False
+    return True
+
+
+def _state_for_file(method: AnomalyMethod) -> dict[str, torch.Tensor]:
+    """Learned parameters as contiguous CPU tensors that own their memory (what safetensors wants)."""
+    state = method.learned_state_dict()
+    return {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in state.items()}
+
+
+def _atomic_write_bytes(path: Path, writer: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        writer(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    _atomic_write_bytes(path, lambda tmp: tmp.write_text(json.dumps(_json_safe(payload), indent=2)))
+
+
+def save_learned(method: AnomalyMethod, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+    """Write ``method``'s learned parameters to ``path`` (.safetensors) and its metadata to the .json beside it.
+
+    The metadata always holds the method name and config, backbone info (weights checksum), image size and
+    package versions; ``metadata`` adds to it (train() adds epoch, step, seed, dataset, ...).
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"learned parameters are saved as .safetensors, not {path.name}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = _state_for_file(method)
+    info = {
+        "format": CHECKPOINT_FORMAT,
+        "method": method.name,
+        "paper": method.paper,
+        "method_config": method.config.to_dict(),
+        "backbone": dict(method.backbone.info),
+        "weights_sha256": method.backbone.info.get("weights_sha256"),
+        "image_size": method.backbone.image_size,
+        "parameters": {name: list(tensor.shape) for name, tensor in state.items()},
+        "num_parameters": int(sum(t.numel() for t in state.values())),
+        "saved_from_device": str(next(iter(method.learned_parameters().values())).device) if state else None,
+        "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": package_versions(),
+    }
+    info.update(metadata or {})
+    header = {"format": CHECKPOINT_FORMAT, "method": method.name}
+    _atomic_write_bytes(path, lambda tmp: save_file(state, str(tmp), metadata=header))
+    _write_json(path.with_suffix(".json"), info)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RNG state (stored so that weights_only=True can read it back: tensors and plain Python values only)
+# ---------------------------------------------------------------------------------------------------------
+def _rng_state() -> dict[str, Any]:
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(position), int(has_gauss),
+                  float(cached)],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def _torch_load(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - a corrupt file becomes one clear error naming it
+        raise TrainingError(f"cannot read optimiser state {path}: {type(error).__name__}: {error}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------------------------
+def _resolve_checkpoint(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / f"{FINAL}.safetensors", path / CHECKPOINT_DIR / f"{LAST}.safetensors"]
+        for candidate in candidates:
+            if candidate.is_file():
+                return candidate
+        raise FileNotFoundError(
+            f"no checkpoint in run directory {path}: looked for {candidates[0]} and {candidates[1]}"
+        )
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint file {path} does not exist")
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{path} is not a .safetensors checkpoint (pass the file or its run directory)")
+    return path
+
+
+def _read_metadata(path: Path) -> dict[str, Any]:
+    meta_path = path.with_suffix(".json")
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"metadata file {meta_path} of checkpoint {path} does not exist")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"cannot read checkpoint metadata {meta_path}: {error}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint metadata {meta_path} is not a JSON object")
+    return meta
+
+
+def load_checkpoint(method: AnomalyMethod, path: str | Path) -> dict[str, Any]:
+    """Load learned parameters saved by :func:`train` / :func:`save_learned` into ``method``.
+
+    Args:
+        method: a built method of the same kind (same name) and compatible backbone widths.
+        path: a ``.safetensors`` file, or a run directory (``learned.safetensors``, else
+            ``checkpoints/last.safetensors``). Its metadata is the ``.json`` beside it.
+    Returns:
+        the metadata (method, config, backbone, epoch, step, dataset, ...).
+    Raises:
+        FileNotFoundError: the file, its metadata, or any checkpoint in the directory is missing.
+        CheckpointError: the checkpoint belongs to another method, or the file cannot be read.
+        MethodError: missing/unexpected keys or shapes that do not fit (names the file).
+
+    Tensors are always read onto the CPU first (whatever device they were saved from) and then copied onto
+    the device of the method's parameters. A different backbone or config only warns.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = _resolve_checkpoint(path)
+    meta = _read_metadata(path)
+    saved = meta.get("method")
+    if saved != method.name:
+        raise CheckpointError(
+            f"checkpoint {path} holds learned parameters of method {saved!r}, not {method.name!r}; "
+            f"build that method (build_method({saved!r}, ...)) to load it"
+        )
+    _warn_differences(method, meta, path)
+    try:
+        state = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None
+    method.load_learned_state_dict(state, source=str(path))
+    return meta
+
+
+def _warn_differences(method: AnomalyMethod, meta: dict[str, Any], path: Path) -> None:
+    saved_backbone = meta.get("backbone") or {}
+    own = method.backbone.info
+    notes = []
+    for key in ("name", "weights_sha256", "pretrained"):
+        if saved_backbone.get(key) != own.get(key) and (saved_backbone.get(key) or own.get(key)):
+            notes.append(f"backbone {key} {saved_backbone.get(key)!r} != {own.get(key)!r}")
+    saved_config = meta.get("method_config") or {}
+    current = _json_safe(method.config.to_dict())
+    skip = set(TrainConfig.fields()) | {"backbone", "pretrained"}
+    for key, value in saved_config.items():
+        if key in skip or key not in current:
+            continue
+        if _json_safe(value) != current[key]:
+            notes.append(f"config {key} {value!r} != {current[key]!r}")
+    if notes:
+        warnings.warn(f"checkpoint {path} was trained with a different setup: " + "; ".join(notes), stacklevel=3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the loop
+# ---------------------------------------------------------------------------------------------------------
+def _truncate_log(log_path: Path, step: int) -> None:
+    """Keep the records of steps 1..step (once each); drop later or unreadable lines (written after the last
+    checkpoint by a run that was killed)."""
+    if not log_path.exists():
+        return
+    kept: dict[int, str] = {}
+    for line in log_path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        number = record.get("step") if isinstance(record, dict) else None
+        if isinstance(number, int) and 1 <= number <= step and number not in kept:
+            kept[number] = line
+    text = "".join(kept[n] + "\n" for n in sorted(kept))
+    _atomic_write_bytes(log_path, lambda tmp: tmp.write_text(text))
+
+
+def _remove_run_files(out: Path) -> None:
+    for path in (out / CHECKPOINT_DIR / f"{LAST}.safetensors", out / CHECKPOINT_DIR / f"{LAST}.json",
+                 out / CHECKPOINT_DIR / OPTIMIZER_FILE, out / f"{FINAL}.safetensors", out / f"{FINAL}.json",
+                 out / LOG_NAME):
+        if path.exists():
+            path.unlink()
+
+
+def _resume(method: AnomalyMethod, optimizer, scaler, ckpt_dir: Path, config: TrainConfig,
+            dataset_info: dict[str, Any]) -> dict[str, Any]:
+    """Load the last checkpoint into the method and optimiser; return its metadata."""
+    weights = ckpt_dir / f"{LAST}.safetensors"
+    meta = _read_metadata(weights)
+    saved_train = meta.get("train_config") or {}
+    problems = []
+    for key in ("batch_size", "seed"):
+        if key in saved_train and saved_train[key] != getattr(config, key):
+            problems.append(f"{key} {saved_train[key]} (checkpoint) != {getattr(config, key)} (this run)")
+    saved_data = meta.get("dataset") or {}
+    if saved_data.get("fingerprint") and saved_data.get("fingerprint") != dataset_info["fingerprint"]:
+        problems.append(
+            f"dataset differs (checkpoint: {saved_data.get('images')} images from {saved_data.get('root')}; "
+            f"this run: {dataset_info['images']} images from {dataset_info['root']})"
+        )
+    if problems:
+        raise TrainingError(
+            f"cannot resume from {weights}: " + "; ".join(problems)
+            + "; pass resume=False to start over, or use another out_dir"
+        )
+    load_checkpoint(method, weights)
+    opt_path = ckpt_dir / OPTIMIZER_FILE
+    if not opt_path.is_file():
+        raise FileNotFoundError(f"optimiser state {opt_path} of checkpoint {weights} does not exist")
+    saved = _torch_load(opt_path)
+    if int(saved.get("step", -1)) != int(meta.get("step", -2)):
+        raise TrainingError(
+            f"checkpoint files in {ckpt_dir} disagree: {weights.name} is at step {meta.get('step')} but "
+            f"{OPTIMIZER_FILE} at step {saved.get('step')} (a write was interrupted); pass resume=False to start over"
+        )
+    try:
+        optimizer.load_state_dict(saved["optimizer"])
+    except (ValueError, KeyError) as error:
+        raise TrainingError(
+            f"optimiser state {opt_path} does not fit {method.name}'s parameter groups: {error}"
+        ) from None
+    if scaler is not None and saved.get("scaler"):
+        scaler.load_state_dict(saved["scaler"])
+    _set_rng_state(saved["rng"])
+    return meta
+
+
+def train(
+    method: AnomalyMethod,
+    dataset: AnomalyDataset,
+    out_dir: str | Path,
+    config: TrainConfig | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    stop_after_steps: int | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train ``method``'s learned parameters on ``dataset`` (the backbone stays frozen).
+
+    Args:
+        method: a trainable method (``method.trainable``), already built on its backbone.
+        dataset: an :class:`AnomalyDataset` with normal and anomalous images (and masks for the map losses).
+        out_dir: the run directory (created); see the module docstring for its files.
+        config: optimisation settings (default: :meth:`TrainConfig.from_method`).
+        resume: continue from ``out_dir/checkpoints/last.*`` when present (False: delete them and start over).
+        progress: tqdm bar with the running mean loss of the epoch.
+        stop_after_steps: stop right after this global step *without* writing anything more, as a kill would
+            (only the periodic checkpoints survive); the result has ``interrupted=True``. For tests.
+        callback: called with each step's log record after the step (and its checkpoint, when due) is done;
+            an exception raised there (e.g. KeyboardInterrupt) propagates and leaves the run resumable.
+    Returns:
+        :class:`TrainResult`.
+    Raises:
+        TrainingError: not trainable, empty or single-label dataset, image size mismatch, non-finite loss, a
+            checkpoint from another setup.
+    Warns:
+        TrainingWarning: the dataset has no masks: ``masks=None`` is passed to ``training_loss`` (image loss only).
+    """
+    started = time.perf_counter()
+    if not getattr(method, "trainable", False):
+        raise TrainingError(f"method {method.name!r} is training-free: it has no learned parameters to train")
+    config = TrainConfig.from_method(method) if config is None else config
+    config.validate()
+    use_masks = _check_dataset(dataset, method)
+    if config.device is not None:
+        method.to(resolve_device(config.device))
+    device = method.backbone.device
+    if config.precision == "fp16" and device.type != "cuda":
+        raise TrainingError("precision 'fp16' needs CUDA; on the CPU use 'bf16' or 'fp32'")
+    if not method.learned_parameters():
+        raise TrainingError(f"method {method.name!r} has no parameters with requires_grad to train")
+
+    out = Path(out_dir)
+    ckpt_dir = out / CHECKPOINT_DIR
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    log_path = out / LOG_NAME
+    dataset_info = describe_dataset(dataset)
+
+    optimizer = torch.optim.Adam(method.parameter_groups(config.lr), lr=config.lr, betas=tuple(config.betas),
+                                 weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
+
+    count = len(dataset)
+    batch_size = int(config.batch_size)
+    steps_per_epoch = math.ceil(count / batch_size)
+    total_steps = steps_per_epoch * int(config.epochs)
+    if config.max_steps is not None:
+        total_steps = min(total_steps, int(config.max_steps))
+
+    epoch, batch_in_epoch, step = 0, 0, 0
+    resumed_from: int | None = None
+    saved_loss: float | None = None
+    if resume and (ckpt_dir / f"{LAST}.safetensors").is_file():
+        meta = _resume(method, optimizer, scaler, ckpt_dir, config, dataset_info)
+        epoch, batch_in_epoch, step = int(meta["epoch"]), int(meta["batch_in_epoch"]), int(meta["step"])
+        resumed_from = step
+        _truncate_log(log_path, step)
+        saved_loss = meta.get("loss")
+    else:
+        _remove_run_files(out)
+        _seed_all(int(config.seed))
+
+    def checkpoint_metadata(final: bool, last_loss: float | None) -> dict[str, Any]:
+        return {
+            "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": step, "total_steps": total_steps,
+            "steps_per_epoch": steps_per_epoch, "seed": int(config.seed), "final": final, "loss": last_loss,
+            "train_config": config.to_dict(), "dataset": dataset_info, "pixel_losses": use_masks,
+            "trained_on_device": str(device),
+        }
+
+    def write_checkpoint(last_loss: float | None) -> Path:
+        weights = ckpt_dir / f"{LAST}.safetensors"
+        payload = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                   "rng": _rng_state(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
+        _atomic_write_bytes(ckpt_dir / OPTIMIZER_FILE, lambda tmp: torch.save(payload, tmp))
+        save_learned(method, weights, checkpoint_metadata(False, last_loss))  # the .json goes last
+        return weights
+
+    history: list[dict[str, Any]] = []
+    last_loss: float | None = saved_loss if resumed_from is not None else None
+    interrupted = False
+    checkpoint_path: Path | None = ckpt_dir / f"{LAST}.safetensors" if resumed_from is not None else None
+    bar = tqdm(total=total_steps, initial=step, desc=f"{method.name}: train", unit="step", disable=not progress)
+    method.train()
+    log = open(log_path, "a", encoding="utf-8")
+    try:
+        while step < total_steps and not interrupted:
+            order = epoch_order(count, config.seed, epoch)
+            remaining = order[batch_in_epoch * batch_size:].tolist()
+            loader = DataLoader(
+                dataset, batch_size=batch_size, sampler=remaining, num_workers=config.num_workers,
+                collate_fn=collate_samples, drop_last=False,
+                generator=torch.Generator().manual_seed(_mix_seed(config.seed + 1, epoch)),
+            )
+            epoch_losses: list[float] = []
+            for batch in loader:
+                tick = time.perf_counter()
+                images = batch.images.to(device)
+                masks = batch.masks.to(device) if (use_masks and batch.masks is not None) else None
+                labels = batch.labels.to(device)
+                with autocast(device, config.precision):
+                    loss, parts = method.training_loss(images, masks, labels, list(batch.class_names))
+                if not torch.isfinite(loss.detach()).all():
+                    raise TrainingError(
+                        f"loss is {float(loss.detach())} at step {step + 1} (epoch {epoch}); parts {parts}; "
+                        f"last checkpoint: {checkpoint_path}"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    optimizer.step()
+                step += 1
+                batch_in_epoch += 1
+                last_loss = float(loss.detach())
+                epoch_losses.append(last_loss)
+                record = {
+                    "epoch": epoch, "step": step, "batch": batch_in_epoch, "loss": last_loss,
+                    "parts": {k: float(v) for k, v in parts.items()},
+                    "lr": float(optimizer.param_groups[0]["lr"]),
+                    "seconds": round(time.perf_counter() - tick, 4),
+                }
+                if len(optimizer.param_groups) > 1:
+                    record["group_lrs"] = [float(g["lr"]) for g in optimizer.param_groups]
+                log.write(json.dumps(_json_safe(record)) + "\n")
+                log.flush()
+                history.append(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{sum(epoch_losses) / len(epoch_losses):.4f}", epoch=epoch)
+                epoch_done = batch_in_epoch >= steps_per_epoch
+                if epoch_done:
+                    epoch += 1
+                    batch_in_epoch = 0
+                periodic = config.checkpoint_every is not None and step % int(config.checkpoint_every) == 0
+                if epoch_done or periodic or step >= total_steps:
+                    checkpoint_path = write_checkpoint(last_loss)
+                if callback is not None:
+                    callback(dict(record))
+                if stop_after_steps is not None and step >= int(stop_after_steps):
+                    interrupted = True
+                    break
+                if step >= total_steps:
+                    break
+    finally:
+        log.close()
+        bar.close()
+        method.eval()
+
+    finished = step >= total_steps and not interrupted
+    learned_path = None
+    if finished:
+        if checkpoint_path is None or resumed_from == step:  # nothing ran in this call: make sure last.* exists
+            checkpoint_path = ckpt_dir / f"{LAST}.safetensors"
+            if not checkpoint_path.is_file():
+                checkpoint_path = write_checkpoint(last_loss)
+        learned_path = save_learned(method, out / f"{FINAL}.safetensors", checkpoint_metadata(True, last_loss))
+    return TrainResult(
+        out_dir=out, step=step, epoch=epoch, total_steps=total_steps, finished=finished, interrupted=interrupted,
+        resumed_from_step=resumed_from, last_loss=last_loss, checkpoint=checkpoint_path, learned=learned_path,
+        log_path=log_path, seconds=round(time.perf_counter() - started, 3), history=history,
+    )
