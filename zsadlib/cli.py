@@ -3,6 +3,8 @@
     zsad methods                                   list the methods
     zsad data synth --out data/synthetic           generate the synthetic dataset
     zsad eval --method winclip --dataset mvtec --data-root DIR [--classes ...] [--out DIR]
+    zsad train --method anomalyclip --dataset mvtec --data-root DIR --out RUN_DIR
+    zsad eval --method anomalyclip --checkpoint RUN_DIR --dataset visa --data-root DIR
     zsad predict --method winclip IMAGE_OR_FOLDER... --out DIR
     zsad demo                                      the main job on the synthetic data
 
@@ -87,6 +89,32 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from .data import open_dataset
+    from .methods import get_method_class
+    from .train import TrainConfig, train
+
+    if not get_method_class(args.method).trainable:
+        raise CLIError(f"method {args.method!r} is training-free; nothing to train (use zsad eval)")
+    method = _build(args)
+    dataset = open_dataset(args.dataset, args.data_root, split=args.split, classes=args.classes,
+                           image_size=method.backbone.image_size)
+    if args.max_per_class:
+        dataset = dataset.subset(max_per_class=args.max_per_class, seed=args.seed if args.seed is not None else 0)
+    overrides = {key: value for key, value in (("epochs", args.epochs), ("batch_size", args.batch_size),
+                                               ("lr", args.lr), ("seed", args.seed),
+                                               ("precision", args.precision), ("max_steps", args.max_steps))
+                 if value is not None}
+    config = TrainConfig.from_method(method, **overrides)
+    result = train(method, dataset, args.out, config=config, resume=not args.restart, progress=not args.quiet)
+    if method.backbone.info.get("random_weights"):
+        print("note: random (tiny) weights; the learned prompts mean nothing")
+    where = result.learned if result.learned else result.checkpoint
+    print(f"trained {method.name}: {result.step} steps, last loss {result.last_loss:.4f}; learned parameters in "
+          f"{where}; evaluate with: zsad eval --method {method.name} --checkpoint {args.out} ...")
+    return 0
+
+
 def _cmd_predict(args) -> int:
     from .predict import collect_images, predict_images, write_predictions
 
@@ -109,7 +137,8 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-def _add_model_args(parser: argparse.ArgumentParser, with_checkpoint: bool = True) -> None:
+def _add_model_args(parser: argparse.ArgumentParser, with_checkpoint: bool = True,
+                    with_batch_size: bool = True) -> None:
     parser.add_argument("--method", required=True, help="a method from `zsad methods`")
     parser.add_argument("--backbone", default=None, help="open_clip model name (default: the paper's), or 'tiny'")
     parser.add_argument("--pretrained", default=None,
@@ -117,7 +146,8 @@ def _add_model_args(parser: argparse.ArgumentParser, with_checkpoint: bool = Tru
     parser.add_argument("--image-size", type=int, default=None, help="input size (default: the paper's)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    parser.add_argument("--batch-size", type=int, default=8)
+    if with_batch_size:
+        parser.add_argument("--batch-size", type=int, default=8)
     if with_checkpoint:
         parser.add_argument("--checkpoint", default=None, help="learned parameters (.safetensors) of a trained run")
 
@@ -159,6 +189,22 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--workers", type=int, default=0)
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.set_defaults(func=_cmd_eval)
+
+    training = sub.add_parser("train", help="learn a method's prompts on an auxiliary dataset (zero-shot protocol)")
+    _add_model_args(training, with_checkpoint=False, with_batch_size=False)
+    training.add_argument("--dataset", required=True, help="auxiliary dataset kind (paper: mvtec; visa for MVTec AD)")
+    training.add_argument("--data-root", default=None)
+    training.add_argument("--split", default="test", help="the protocol learns on the auxiliary TEST split")
+    training.add_argument("--classes", nargs="+", default=None)
+    training.add_argument("--max-per-class", type=int, default=None)
+    training.add_argument("--out", required=True, help="run directory (checkpoints, log.jsonl, learned.safetensors)")
+    training.add_argument("--epochs", type=int, default=None, help="default: the paper's")
+    training.add_argument("--batch-size", type=int, default=None, help="default: the paper's")
+    training.add_argument("--lr", type=float, default=None, help="default: the paper's")
+    training.add_argument("--seed", type=int, default=None, help="default: the paper's")
+    training.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke runs)")
+    training.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
+    training.set_defaults(func=_cmd_train)
 
     predict = sub.add_parser("predict", help="heatmaps and scores for your own images")
     _add_model_args(predict)

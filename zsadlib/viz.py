@@ -6,6 +6,8 @@ float arrays in [0, 1] or uint8 [H, W, 3].
 """
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,7 +22,8 @@ from PIL import Image  # noqa: E402
 from .data.transforms import denormalize  # noqa: E402
 
 __all__ = ["to_uint8_image", "colorize", "heatmap_overlay", "save_map_png", "save_overlay", "plot_maps",
-           "plot_class_metrics"]
+           "plot_class_metrics", "plot_loss_curves", "ExplorerItem", "ExplorerState", "ExplorerView",
+           "explorer_map", "render_explorer", "Explorer"]
 
 
 def to_uint8_image(image: Any, normalized: bool = True) -> np.ndarray:
@@ -137,3 +140,183 @@ def plot_class_metrics(table, metrics: Sequence[str] = ("image_auroc", "pixel_au
     fig.tight_layout()
     del pd
     return fig
+
+
+def plot_loss_curves(log_path: str | Path, title: str = ""):
+    """Loss per step from a training run's ``log.jsonl`` (total and each named part), with the epoch mean."""
+    import pandas as pd
+
+    records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    frame = pd.DataFrame([{"step": r["step"], "epoch": r.get("epoch", 0), "loss": r["loss"],
+                           **{f"{k}": v for k, v in (r.get("parts") or {}).items()}} for r in records])
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for column in [c for c in frame.columns if c not in ("step", "epoch")]:
+        ax.plot(frame["step"], frame[column], label=column, linewidth=1.6 if column == "loss" else 0.9,
+                alpha=1.0 if column == "loss" else 0.7)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the dual-branch explorer: state + a pure render function (+ thin ipywidgets wiring)
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class ExplorerItem:
+    """One precomputed image: image [3, S, S] (normalised), mask [S, S] or None, and per branch
+    ``layer_maps[branch]`` [L, S, S] (each layer's contribution, already blurred: blur is linear, so any
+    weighted sum of them equals the blurred weighted sum) and ``scores[branch]`` (float)."""
+
+    class_name: str
+    path: str
+    image: torch.Tensor
+    mask: torch.Tensor | None
+    layer_maps: dict[str, torch.Tensor]
+    scores: dict[str, float]
+    label: int = 0
+
+
+@dataclass
+class ExplorerState:
+    """What the widgets select. ``layer`` is an index into the tapped layers, or None for all layers combined."""
+
+    class_name: str
+    image_index: int = 0
+    layer: int | None = None
+    branch: str = "fused"  # "fused" | one of the item's branches (e.g. "enhanced", "query")
+    fusion_weight: float = 0.5  # weight of the first branch in "fused"
+
+
+@dataclass
+class ExplorerView:
+    """What :func:`render_explorer` computed: the map shown [S, S], its score, and the figure."""
+
+    amap: np.ndarray
+    score: float
+    title: str
+    figure: Any
+
+
+def explorer_map(item: ExplorerItem, state: ExplorerState, combine: str = "sum") -> tuple[np.ndarray, float]:
+    """The map [S, S] and score selected by ``state`` (pure; no model call).
+
+    ``fused`` = w * first branch + (1 - w) * second branch, for maps and scores alike.
+    """
+    branches = list(item.layer_maps)
+
+    def one(branch: str) -> tuple[torch.Tensor, float]:
+        maps = item.layer_maps[branch]
+        chosen = maps if state.layer is None else maps[state.layer:state.layer + 1]
+        combined = chosen.sum(0) if combine == "sum" else chosen.mean(0)
+        return combined, float(item.scores[branch])
+
+    if state.branch == "fused":
+        if len(branches) != 2:
+            raise ValueError(f"'fused' needs two branches, item has {branches}")
+        (first, s1), (second, s2) = one(branches[0]), one(branches[1])
+        w = float(state.fusion_weight)
+        return (w * first + (1 - w) * second).cpu().numpy(), w * s1 + (1 - w) * s2
+    if state.branch not in item.layer_maps:
+        raise ValueError(f"unknown branch {state.branch!r}; available: {branches + ['fused']}")
+    amap, score = one(state.branch)
+    return amap.cpu().numpy(), score
+
+
+def render_explorer(items: Sequence[ExplorerItem], state: ExplorerState, layers: Sequence[int] = (),
+                    combine: str = "sum", vmax: float | None = None) -> ExplorerView:
+    """Pure render: the selected image, its mask and the overlay of the selected map. No model call."""
+    candidates = [item for item in items if item.class_name == state.class_name]
+    if not candidates:
+        raise ValueError(f"no images of class {state.class_name!r}")
+    item = candidates[min(state.image_index, len(candidates) - 1)]
+    amap, score = explorer_map(item, state, combine=combine)
+    layer_name = "all layers" if state.layer is None else f"layer {layers[state.layer] if layers else state.layer}"
+    branch = state.branch + (f" (w={state.fusion_weight:.2f})" if state.branch == "fused" else "")
+    title = f"{item.class_name} · {Path(item.path).name} · {branch} · {layer_name} · score {score:.3f}"
+    top = vmax if vmax is not None else max(float(amap.max()), 1e-6)
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
+    axes[0].imshow(to_uint8_image(item.image))
+    axes[0].set_title("image")
+    mask = item.mask if item.mask is not None else torch.zeros(item.image.shape[-2:])
+    axes[1].imshow(mask.cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+    axes[1].set_title("mask")
+    axes[2].imshow(heatmap_overlay(item.image, amap, vmin=0.0, vmax=top))
+    axes[2].set_title("map")
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return ExplorerView(amap=amap, score=score, title=title, figure=fig)
+
+
+class Explorer:
+    """ipywidgets front end: dropdowns for class / branch / layer, sliders (``continuous_update=False``, so a
+    drag renders once on release) for the image and the fusion weight. Every change only re-renders the
+    precomputed maps through :func:`render_explorer`; nothing re-runs the model.
+
+    Headless use (tests): set ``explorer.widgets[name].value`` and read ``explorer.view``.
+    """
+
+    def __init__(self, items: Sequence[ExplorerItem], layers: Sequence[int], combine: str = "sum"):
+        import ipywidgets as widgets
+
+        if not items:
+            raise ValueError("the explorer needs at least one precomputed image")
+        self.items = list(items)
+        self.layers = list(layers)
+        self.combine = combine
+        classes = sorted({item.class_name for item in self.items})
+        branches = ["fused", *self.items[0].layer_maps]
+        self.state = ExplorerState(class_name=classes[0])
+        self.widgets = {
+            "class_name": widgets.Dropdown(options=classes, value=classes[0], description="class"),
+            "image_index": widgets.IntSlider(min=0, max=self._count(classes[0]) - 1, value=0,
+                                             description="image", continuous_update=False),
+            "layer": widgets.Dropdown(options=[("all", None)] + [(str(l), i) for i, l in enumerate(self.layers)],
+                                      value=None, description="layer"),
+            "branch": widgets.Dropdown(options=branches, value="fused", description="branch"),
+            "fusion_weight": widgets.FloatSlider(min=0.0, max=1.0, step=0.05, value=0.5, description="weight",
+                                                 continuous_update=False),
+        }
+        self.output = widgets.Output()
+        self.renders = 0
+        self.view: ExplorerView | None = None
+        for name, widget in self.widgets.items():
+            widget.observe(self._on_change(name), names="value")
+        self.box = widgets.VBox([widgets.HBox(list(self.widgets.values())[:3]),
+                                 widgets.HBox(list(self.widgets.values())[3:]), self.output])
+        self.render()
+
+    def _count(self, class_name: str) -> int:
+        return sum(item.class_name == class_name for item in self.items)
+
+    def _on_change(self, name: str):
+        def handler(change):
+            setattr(self.state, name, change["new"])
+            if name == "class_name":
+                slider = self.widgets["image_index"]
+                slider.max = self._count(change["new"]) - 1
+                self.state.image_index = min(self.state.image_index, slider.max)
+            self.render()
+        return handler
+
+    def render(self) -> ExplorerView:
+        if self.view is not None:
+            plt.close(self.view.figure)
+        self.view = render_explorer(self.items, self.state, self.layers, combine=self.combine)
+        self.renders += 1
+        self.output.clear_output(wait=True)
+        with self.output:
+            from IPython.display import display
+
+            display(self.view.figure)
+        return self.view
+
+    def _ipython_display_(self):  # pragma: no cover - notebook display
+        from IPython.display import display
+
+        display(self.box)
