@@ -60,7 +60,8 @@ def _cmd_methods(args) -> int:
 def _cmd_synth(args) -> int:
     from .data.synthetic import generate
 
-    root = generate(args.out, seed=args.seed, image_size=args.size, progress=not args.quiet)
+    root = generate(args.out, seed=args.seed, image_size=args.size, defect_scale=args.defect_scale,
+                    progress=not args.quiet)
     print(f"synthetic dataset written to {root}")
     return 0
 
@@ -175,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", default="data/synthetic")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--size", type=int, default=256, help="image side in pixels")
+    synth.add_argument("--defect-scale", type=float, default=1.0, help="defect size multiplier (e.g. 3 for tiny smoke learning)")
     synth.set_defaults(func=_cmd_synth)
 
     evaluate = sub.add_parser("eval", help="evaluate a method on a dataset")

@@ -435,6 +435,7 @@ def render_sample(
     seed: int = 0,
     image_size: int = 256,
     split: str = "test",
+    defect_scale: float = 1.0,
 ) -> SyntheticSample:
     """Render one sample exactly as :func:`generate` writes it.
 
@@ -454,7 +455,11 @@ def render_sample(
     good = _to_u8(img)
     if defect == "good":
         return SyntheticSample(good, good, np.zeros((s, s), bool), category, defect)
-    sc = max(s / 256.0, 0.5)  # defect size scale; floored so thin defects survive small sizes
+    if defect_scale <= 0:
+        raise ValueError(f"defect_scale must be > 0, got {defect_scale}")
+    # defect size scale; floored so thin defects survive small sizes; defect_scale > 1 makes every defect larger
+    # (e.g. 3 for learning tests at 112 px, where the default defects are smaller than one 14 px patch)
+    sc = max(s / 256.0, 0.5) * float(defect_scale)
     min_area = max(int(25 * sc * sc), 6)
     for _ in range(20):  # retry until the defect covers a visible area (deterministic)
         region, new = _DEFECTS[defect](rng, good.astype(F32), obj, bg, sc)
@@ -473,8 +478,10 @@ def render_sample(
 # --------------------------------------------------------------------------------------------
 
 
-def _params(categories, n_train_good, n_test_good, n_test_defect_per_kind, image_size, seed) -> dict:
+def _params(categories, n_train_good, n_test_good, n_test_defect_per_kind, image_size, seed,
+            defect_scale=1.0) -> dict:
     return {
+        "defect_scale": float(defect_scale),
         "generator": "zsadlib.data.synthetic",
         "version": GENERATOR_VERSION,
         "categories": list(categories),
@@ -500,6 +507,7 @@ def generate(
     image_size: int = 256,
     seed: int = 0,
     progress: bool = True,
+    defect_scale: float = 1.0,
 ) -> Path:
     """Write the synthetic dataset (MVTec AD layout + ``meta.json``) to ``out_dir``.
 
@@ -532,7 +540,7 @@ def generate(
 
     records: dict[str, list[Record]] = {"train": [], "test": []}
     for c, split, d, i in tqdm(jobs, desc="synthetic dataset", disable=not progress):
-        smp = render_sample(c, d, i, seed, image_size, split)
+        smp = render_sample(c, d, i, seed, image_size, split, defect_scale=defect_scale)
         img_path = out / c / split / d / f"{i:03d}.png"
         _save_png(smp.image, img_path)
         mask_path = None
@@ -543,7 +551,7 @@ def generate(
     for recs in records.values():  # same order as scanning the tree (class, folder, file)
         recs.sort(key=lambda r: (r.class_name, r.defect, r.image_path.name))
     write_meta_json(records, out)
-    params = _params(cats, n_train_good, n_test_good, n_test_defect_per_kind, image_size, seed)
+    params = _params(cats, n_train_good, n_test_good, n_test_defect_per_kind, image_size, seed, defect_scale)
     (out / _MARKER).write_text(json.dumps(params, indent=2) + "\n", encoding="utf-8")
     return out
 
@@ -557,6 +565,7 @@ def ensure_synthetic(
     image_size: int = 256,
     seed: int = 0,
     progress: bool = True,
+    defect_scale: float = 1.0,
 ) -> Path:
     """Return ``root`` (default :data:`DEFAULT_ROOT`), generating the dataset first when it is
     missing or was generated with other parameters / an older generator.
@@ -567,7 +576,7 @@ def ensure_synthetic(
     """
     root = Path(root) if root is not None else DEFAULT_ROOT
     cats = list(CATEGORIES) if categories is None else list(categories)
-    want = _params(cats, n_train_good, n_test_good, n_test_defect_per_kind, image_size, seed)
+    want = _params(cats, n_train_good, n_test_good, n_test_defect_per_kind, image_size, seed, defect_scale)
 
     def current() -> bool:
         try:
@@ -585,7 +594,8 @@ def ensure_synthetic(
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    generate(tmp, cats, n_train_good, n_test_good, n_test_defect_per_kind, image_size, seed, progress)
+    generate(tmp, cats, n_train_good, n_test_good, n_test_defect_per_kind, image_size, seed, progress,
+             defect_scale=defect_scale)
     try:
         if root.exists():
             shutil.rmtree(root)  # a stale generated tree (checked above)

@@ -1,0 +1,501 @@
+"""GenCLIP (2025): general query prompts, multi-layer vision prompts, dual-branch inference, name filtering.
+
+There is no public code. This module builds the method from the paper's description (METHODS.md, "GenCLIP"); every
+detail the paper leaves open is a config field whose default is marked **OUR choice** below and listed in
+:data:`OUR_CHOICES` (which :meth:`GenCLIP.describe` copies into metrics.json).
+
+What the method computes (shapes for a batch of B images, L tapped layers, D joint width, W text width)::
+
+    features   frozen CLIP: patch tokens P_l [B, N, D] at layers 6/12/18/24 (ln_post @ proj), global g [B, D]
+    GQP        learned context C [2, n_ctx, W] (normal, abnormal), shared by all layers and both branches,
+               plus optional deep text prompts (as AnomalyCLIP)
+    MVP        V_l = MLP_l(mean_patches(P_l)) [B, W], one 2-layer MLP per tapped layer; added to every context
+               token: context of layer l of image b = C + V_l[b]
+    enhanced   prompts "[C + V_l] {name}." / "[C + V_l] damaged {name}." (name filtered, see below)
+               -> text T_enh [B, L, 2, D]: every image and layer has its own text embeddings
+    query      prompts "[C] object." / "[C] damaged object." -> text T_q [2, D] (no class name, no visual term)
+    maps       per branch and layer: softmax(cos(P_l, T_l) / 0.07) [B, N, 2]; (p_abn + 1 - p_norm) / 2 upsampled
+               bilinearly; combined over layers (sum or mean); Gaussian blur sigma 4
+    scores     per branch: softmax(cos(g, T) / 0.07)[abnormal]; the enhanced branch uses the last tapped layer's
+               text (OUR choice, ``enhanced_global_text``)
+    fused      w * enhanced + (1 - w) * query, for maps and scores (w = ``fusion_weight`` = 0.5)
+
+All text embeddings of a batch -- the query prompts and the B x L x 2 enhanced prompts -- go through the text
+encoder in ONE call (:meth:`GenCLIP.encode_prompts`).
+
+Adaptive text prompt filtering (:mod:`zsadlib.prompts.filtering`): before prompting, class names that are not made
+of single whole-word CLIP BPE tokens are replaced by "object" (``name_filter="single_token"``, OUR rule). The names
+filtered so far are in :attr:`GenCLIP.filtered_names`, each forward's report in ``extras["filter_report"]``, and
+both in :meth:`GenCLIP.describe`.
+
+Training: ``enhanced_loss_weight * L(enhanced) + query_loss_weight * L(query)`` with, per branch,
+``L = pixel_loss_weight * sum_layers [focal + dice(p_abn, mask) + dice(p_norm, 1 - mask)]
++ image_loss_weight * CE(image logits)``. Only the GQP context, the deep prompts and the MVP MLPs learn.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..backbone import Backbone, ImageFeatures
+from ..losses import dice_loss, focal_loss, image_cross_entropy
+from ..prompts.filtering import FILTER_RULES, FilterReport, filter_class_names
+from ..prompts.learned import LearnedPromptConfig, LearnedPromptText, fill_placeholder
+from .base import AnomalyMethod, MethodConfig, MethodError, MethodOutput, register_method
+
+__all__ = [
+    "GenCLIPConfig",
+    "GenCLIP",
+    "VisualPromptMLP",
+    "QUERY_TEMPLATES",
+    "ENHANCED_TEMPLATES",
+    "OUR_CHOICES",
+    "BRANCHES",
+]
+
+# "{}" = the learned context; "{name}" = the (filtered) class name. Row 0 normal, row 1 abnormal.
+QUERY_TEMPLATES: tuple[str, str] = ("{} object.", "{} damaged object.")
+ENHANCED_TEMPLATES: tuple[str, str] = ("{} {name}.", "{} damaged {name}.")
+BRANCHES = ("fused", "enhanced", "query")
+_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "identity": nn.Identity}
+
+#: Every default not published by the GenCLIP paper, with the reason for the choice.
+OUR_CHOICES: dict[str, str] = {
+    "dense_from": "dense V-V path from block 6 as AnomalyCLIP (the paper does not say); None = plain CLIP tokens",
+    "dense_attention": "'vv' as AnomalyCLIP",
+    "global_ln_post": "True: the global token is CLIP's own image embedding (no reference-code quirk to copy)",
+    "n_ctx": "12 learned context tokens per prompt, as AnomalyCLIP",
+    "query_templates": "the query-only branch uses the object-agnostic word 'object' (AnomalyCLIP's prompts)",
+    "enhanced_templates": "'[ctx] {name}.' / '[ctx] damaged {name}.' (AnomalyCLIP's states with the class name)",
+    "deep_prompts": "on, AnomalyCLIP's deep text prompts (text blocks 2..9, 4 tokens)",
+    "deep_prompt_fp16_round": "False: the float16 rounding is an AnomalyCLIP code quirk, not part of GenCLIP",
+    "mvp_hidden": "None = embed_dim // 2 (ViP2-CLIP's MetaNet 768-384-768 shape)",
+    "mvp_activation": "ReLU between the two Linear layers (CoCoOp's meta-net)",
+    "mvp_normalize": "patch features are L2-normalised before the mean (as the similarity uses them)",
+    "mvp_per_prompt": "False: one visual vector shared by the normal and abnormal context",
+    "layer_fusion": "'sum' over layers as AnomalyCLIP's test.py",
+    "enhanced_global_text": "'last': the enhanced branch scores the global token with the last tapped layer's text",
+    "fusion_weight": "0.5 weighted mean of the two branches (METHODS.md)",
+    "name_filter": "'single_token': every word must be one whole-word CLIP BPE token",
+    "pixel_loss_weight": "1.0 on the per-layer focal + dice sum (AnomalyCLIP paper, 4 layers)",
+    "enhanced_loss_weight": "1.0: both branches trained, losses summed",
+    "query_loss_weight": "1.0: both branches trained, losses summed",
+    "betas": "Adam (0.5, 0.999) as AnomalyCLIP",
+    "epochs": "15 as AnomalyCLIP",
+    "seed": "111 as AnomalyCLIP",
+}
+
+
+@dataclass
+class GenCLIPConfig(MethodConfig):
+    """GenCLIP settings. "paper" marks what the GenCLIP paper / the common ground fixes; "OUR choice" marks
+    defaults the paper does not publish (see :data:`OUR_CHOICES`)."""
+
+    backbone: str = "ViT-L-14-336-quickgelu"  # paper: OpenAI CLIP ViT-L/14@336px
+    pretrained: str | None = "openai"  # paper: OpenAI weights
+    image_size: int = 518  # common ground: 518 px input, 37 x 37 patches
+    pos_embed_resize: str = "bilinear"  # "bilinear" (AnomalyCLIP-style run-time resize) | "bicubic_antialias"
+    layers: tuple[int, ...] = (6, 12, 18, 24)  # paper: tapped vision blocks (1-based), one MVP MLP each
+    dense_from: int | None = 6  # OUR choice: dense V-V dual path on blocks 6..24 as AnomalyCLIP; None = plain CLIP
+    dense_attention: str = "vv"  # OUR choice: "vv" (AnomalyCLIP) | "qkv_sum" (Crane's E-Attn)
+    global_ln_post: bool = True  # OUR choice: ln_post on the global token (open_clip's image embedding)
+    # -- GQP: general query prompts ----------------------------------------------------------------------------
+    n_ctx: int = 12  # OUR choice: learned context tokens per prompt (AnomalyCLIP's 12)
+    query_templates: tuple[str, ...] = QUERY_TEMPLATES  # OUR choice: query-only branch prompts, object-agnostic
+    enhanced_templates: tuple[str, ...] = ENHANCED_TEMPLATES  # OUR choice: vision-enhanced prompts with {name}
+    deep_prompts: bool = True  # OUR choice: deep text prompts on (AnomalyCLIP's)
+    deep_depth: int = 9  # with deep_prompts: learned tokens at the inputs of text blocks 2..deep_depth
+    deep_length: int = 4  # with deep_prompts: tokens per layer, replacing token positions 1..deep_length
+    deep_prompt_fp16_round: bool = False  # OUR choice: no float16 rounding (an AnomalyCLIP code quirk)
+    init_std: float = 0.02  # N(0, 0.02^2) initialisation of the context and deep tokens (CoOp / AnomalyCLIP)
+    # -- MVP: multi-layer vision prompts -----------------------------------------------------------------------
+    mvp_hidden: int | None = None  # OUR choice: hidden width of each 2-layer MLP; None = embed_dim // 2
+    mvp_activation: str = "relu"  # OUR choice: "relu" | "gelu" | "tanh" | "identity"
+    mvp_normalize: bool = True  # OUR choice: L2-normalise patch features before taking their mean
+    mvp_per_prompt: bool = False  # OUR choice: False = one [W] vector added to both prompts' context tokens;
+    # True = separate vectors for the normal and abnormal context ([2, W] per layer)
+    # -- adaptive text prompt filtering --------------------------------------------------------------------------
+    name_filter: str = "single_token"  # OUR rule (paper's unpublished): see zsadlib.prompts.filtering.FILTER_RULES
+    filter_replacement: str = "object"  # paper: filtered names become "object"
+    # -- inference ----------------------------------------------------------------------------------------------
+    temperature: float = 0.07  # common ground: cos / 0.07
+    layer_fusion: str = "sum"  # OUR choice: "sum" (AnomalyCLIP test.py) | "mean" over layers
+    blur_sigma: float = 4.0  # common ground: Gaussian sigma 4 in pixels; 0 = none
+    enhanced_global_text: str = "last"  # OUR choice: text of the enhanced branch's image score: "last" tapped
+    # layer's text embeddings | "mean" (normalised mean over layers)
+    fusion_weight: float = 0.5  # paper: weighted mean of the branches (weight unpublished: 0.5, METHODS.md)
+    branch: str = "fused"  # what forward returns: "fused" | "enhanced" | "query"
+    # -- training -----------------------------------------------------------------------------------------------
+    pixel_loss_weight: float = 1.0  # OUR choice: weight of sum over layers of focal + 2 dice (AnomalyCLIP paper)
+    image_loss_weight: float = 1.0  # weight of the image cross-entropy
+    enhanced_loss_weight: float = 1.0  # OUR choice: both branches' losses summed
+    query_loss_weight: float = 1.0  # OUR choice: both branches' losses summed
+    focal_gamma: float = 2.0  # focal loss gamma (reference FocalLoss default)
+    lr: float = 1e-3  # common ground: Adam lr 1e-3
+    betas: tuple[float, float] = (0.5, 0.999)  # OUR choice: AnomalyCLIP's Adam betas
+    epochs: int = 15  # OUR choice: AnomalyCLIP's 15
+    batch_size: int = 8  # common ground: batch 8
+    seed: int = 111  # OUR choice: AnomalyCLIP's; also seeds the prompt and MLP initialisation
+
+
+class VisualPromptMLP(nn.Module):
+    """MVP for one layer: ``Linear(D, hidden) -> activation -> Linear(hidden, out)``; [..., D] -> [..., out]."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, activation: str = "relu"):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, hidden)
+        self.act = _ACTIVATIONS[activation]()
+        self.fc2 = nn.Linear(hidden, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+@dataclass
+class _BranchOutputs:
+    """Differentiable intermediate results of one batch (both branches)."""
+
+    features: ImageFeatures
+    prompt_names: list[str]
+    report: FilterReport
+    visual_prompts: torch.Tensor  # [B, L, P', W]
+    text_query: torch.Tensor  # [2, D] normalised
+    text_enhanced: torch.Tensor  # [B, L, 2, D] normalised
+    probs_query: list[torch.Tensor]  # L x [B, N, 2]
+    probs_enhanced: list[torch.Tensor]  # L x [B, N, 2]
+    logits_query: torch.Tensor  # [B, 2]
+    logits_enhanced: torch.Tensor  # [B, 2]
+
+
+@register_method
+class GenCLIP(AnomalyMethod):
+    """GenCLIP: ``forward(images [B,3,S,S], class_names list[str] | None) -> MethodOutput``.
+
+    ``scores`` [B] and ``maps`` [B, S, S] are those of ``config.branch`` ("fused" by default). ``extras``:
+
+    * ``"enhanced_maps"``, ``"query_maps"``, ``"fused_maps"`` [B, S, S]; ``"enhanced_scores"``, ``"query_scores"``,
+      ``"fused_scores"`` [B];
+    * ``"enhanced_layer_maps"``, ``"query_layer_maps"`` [B, L, S, S] (per-layer maps before layer fusion and blur)
+      and ``"layer_maps"`` (those of the returned branch; fused = weighted mean of the two);
+    * ``"text_features_query"`` [2, D], ``"text_features_enhanced"`` [B, L, 2, D] (normalised),
+      ``"visual_prompts"`` [B, L, P', W] (MVP outputs, P' = 2 if ``mvp_per_prompt`` else 1);
+    * ``"prompt_names"`` (one per image, after filtering) and ``"filter_report"`` (:class:`FilterReport`).
+
+    Learned parameters: ``text.context`` [2, n_ctx, W], ``text.deep_prompts`` [deep_depth - 1, deep_length, W]
+    (with deep prompts), ``mvp.<l>.fc1/fc2`` (one MLP per tapped layer).
+    """
+
+    name = "genclip"
+    config_class = GenCLIPConfig
+    uses_class_names = True
+    trainable = True
+    paper = "GenCLIP (2025)"
+
+    def __init__(self, config: GenCLIPConfig, backbone: Backbone):
+        super().__init__(config, backbone)
+        self._validate(config, backbone)
+        self.layers = tuple(int(layer) for layer in config.layers)
+        self.dense_from = None if config.dense_from is None else int(config.dense_from)
+        deep_layers = tuple(range(2, int(config.deep_depth) + 1)) if config.deep_prompts else ()
+        prompt_config = LearnedPromptConfig(
+            templates=tuple(config.query_templates),
+            n_ctx=config.n_ctx,
+            deep_layers=deep_layers,
+            n_deep=config.deep_length,
+            deep_prompt_fp16_round=config.deep_prompt_fp16_round,
+            init_std=config.init_std,
+        )
+        generator = torch.Generator().manual_seed(int(config.seed))
+        # GQP: the learned context (and deep prompts) of this module are shared by both branches
+        self.text = LearnedPromptText(backbone, prompt_config, generator=generator)
+        embed_dim, width = backbone.embed_dim, backbone.text_width
+        hidden = int(config.mvp_hidden) if config.mvp_hidden else max(1, embed_dim // 2)
+        self.mvp_prompts = 2 if config.mvp_per_prompt else 1
+        with torch.random.fork_rng(devices=[]):  # seeded MLP initialisation that leaves the global RNG alone
+            torch.manual_seed(int(config.seed) + 1)
+            self.mvp = nn.ModuleList(
+                VisualPromptMLP(embed_dim, hidden, self.mvp_prompts * width, config.mvp_activation)
+                for _ in self.layers
+            )
+        self.mvp.to(device=backbone.device, dtype=self.text.context.dtype)
+        self._name_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.filtered_names: set[str] = set()
+        self.kept_names: set[str] = set()
+        self.last_filter_report: FilterReport | None = None
+
+    @staticmethod
+    def _validate(config: GenCLIPConfig, backbone: Backbone) -> None:
+        if not config.layers:
+            raise MethodError("layers must name at least one vision block")
+        bad = [layer for layer in config.layers if not 1 <= int(layer) <= backbone.num_layers]
+        if bad:
+            raise MethodError(f"layers {bad} out of range: the backbone has vision blocks 1..{backbone.num_layers}")
+        if config.dense_from is not None and not 1 <= int(config.dense_from) <= backbone.num_layers:
+            raise MethodError(f"dense_from must be None or in 1..{backbone.num_layers}, got {config.dense_from}")
+        if config.dense_attention not in ("vv", "qkv_sum"):
+            raise MethodError(f"dense_attention must be 'vv' or 'qkv_sum', not {config.dense_attention!r}")
+        for field_name in ("query_templates", "enhanced_templates"):
+            templates = tuple(getattr(config, field_name))
+            if len(templates) != 2:
+                raise MethodError(f"{field_name} needs 2 templates (normal, abnormal), got {templates}")
+            for template in templates:
+                if template.count("{}") != 1:
+                    raise MethodError(f"{field_name}: {template!r} must hold one '{{}}' (the learned context)")
+                wanted = 1 if field_name == "enhanced_templates" else 0
+                if template.count("{name}") != wanted:
+                    raise MethodError(f"{field_name}: {template!r} must hold '{{name}}' {wanted} time(s)")
+        n_text_layers = len(backbone.model.transformer.resblocks)
+        if config.deep_prompts and not 2 <= int(config.deep_depth) <= n_text_layers:
+            raise MethodError(f"deep_depth must be in 2..{n_text_layers} with deep_prompts, got {config.deep_depth}")
+        if config.mvp_activation not in _ACTIVATIONS:
+            raise MethodError(f"mvp_activation must be one of {sorted(_ACTIVATIONS)}, not {config.mvp_activation!r}")
+        if config.mvp_hidden is not None and int(config.mvp_hidden) < 1:
+            raise MethodError(f"mvp_hidden must be None or >= 1, got {config.mvp_hidden}")
+        if config.name_filter not in FILTER_RULES:
+            raise MethodError(f"unknown name_filter {config.name_filter!r}; registered: {sorted(FILTER_RULES)}")
+        if config.layer_fusion not in ("sum", "mean"):
+            raise MethodError(f"layer_fusion must be 'sum' or 'mean', not {config.layer_fusion!r}")
+        if config.enhanced_global_text not in ("last", "mean"):
+            raise MethodError(f"enhanced_global_text must be 'last' or 'mean', not {config.enhanced_global_text!r}")
+        if not 0.0 <= float(config.fusion_weight) <= 1.0:
+            raise MethodError(f"fusion_weight must be in [0, 1], got {config.fusion_weight}")
+        if config.branch not in BRANCHES:
+            raise MethodError(f"branch must be one of {BRANCHES}, not {config.branch!r}")
+        if config.temperature <= 0:
+            raise MethodError(f"temperature must be > 0, got {config.temperature}")
+        if config.blur_sigma < 0:
+            raise MethodError(f"blur_sigma must be >= 0, got {config.blur_sigma}")
+
+    # -- class names -----------------------------------------------------------------------------------------------
+    def filter_names(self, class_names: Sequence[str]) -> tuple[list[str], FilterReport]:
+        """Apply ``config.name_filter``: one prompt name per class name, and the report; records the outcome in
+        :attr:`filtered_names` / :attr:`kept_names`."""
+        prompt_names, report = filter_class_names(list(class_names), self.config.name_filter,
+                                                  self.config.filter_replacement)
+        self.filtered_names.update(report.filtered)
+        self.kept_names.update(report.kept)
+        self.last_filter_report = report
+        return prompt_names, report
+
+    def _name_tokens(self, prompt_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids [2, 77] of the enhanced prompts for one prompt name, and the context positions [2, n_ctx]."""
+        if prompt_name not in self._name_cache:
+            with torch.inference_mode(False):  # cached for training too: never store inference tensors
+                self._name_cache[prompt_name] = self._tokenize_name(prompt_name)
+        return self._name_cache[prompt_name]
+
+    def _tokenize_name(self, prompt_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids [2, 77] and context positions [2, n_ctx] of the two enhanced prompts for one name."""
+        placeholder = self.text.config.placeholder
+        marker = int(self.backbone.tokenize([placeholder])[0, 1])
+        context_length = int(self.backbone.model.positional_embedding.shape[0])
+        ids_rows, position_rows = [], []
+        for template in self.config.enhanced_templates:
+            named = template.replace("{name}", prompt_name)
+            text = fill_placeholder(named, self.text.n_ctx, placeholder)
+            ids = self.backbone.tokenize([text])[0].cpu()
+            prefix = named.split("{}", 1)[0].strip()
+            start = 1 + (int((self.backbone.tokenize([prefix])[0] != 0).sum()) - 2 if prefix else 0)
+            end = start + self.text.n_ctx
+            if int((ids != 0).sum()) >= context_length or not bool((ids[start:end] == marker).all()):
+                raise MethodError(f"the prompt {text!r} does not fit CLIP's {context_length}-token context "
+                                  f"(class name {prompt_name!r} too long?)")
+            ids_rows.append(ids)
+            position_rows.append(torch.arange(start, end))
+        return torch.stack(ids_rows), torch.stack(position_rows)
+
+    # -- pieces ------------------------------------------------------------------------------------------------------
+    def image_features(self, images: torch.Tensor) -> ImageFeatures:
+        """Frozen-CLIP features (no gradients): patch tokens at ``layers`` (dense path if on), global token."""
+        with torch.no_grad():
+            return self.backbone.forward_features(
+                images.to(device=self.backbone.device),
+                layers=self.layers,
+                dense_from=self.dense_from,
+                dense_attention=self.config.dense_attention,
+                global_ln_post=self.config.global_ln_post,
+            )
+
+    def visual_prompts(self, features: ImageFeatures) -> torch.Tensor:
+        """MVP: [B, L, P', W], ``V_l = MLP_l(mean over patches of layer l's projected patch features)``."""
+        dtype = self.text.context.dtype
+        out = []
+        for mlp, patches in zip(self.mvp, features.patch_embeddings):
+            patches = patches.to(dtype)
+            if self.config.mvp_normalize:
+                patches = F.normalize(patches, dim=-1)
+            out.append(mlp(patches.mean(dim=1)))  # [B, P' * W]
+        stacked = torch.stack(out, dim=1)  # [B, L, P' * W]
+        return stacked.reshape(stacked.shape[0], stacked.shape[1], self.mvp_prompts, -1)
+
+    def encode_prompts(self, prompt_names: Sequence[str], visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text embeddings of both branches in ONE text-encoder call.
+
+        Args:
+            prompt_names: B prompt names (already filtered).
+            visual: [B, L, P', W] visual prompts (added to the learned context of the enhanced prompts).
+        Returns:
+            ``(query [2, D], enhanced [B, L, 2, D])``, not normalised.
+        """
+        batch, n_layers = visual.shape[:2]
+        if len(prompt_names) != batch:
+            raise MethodError(f"{len(prompt_names)} prompt names for {batch} images")
+        text = self.text
+        model = self.backbone.model
+        device = text.context.device
+        dtype = text.context.dtype
+        query = text.prompt_embeddings(None)  # [2, 77, W]: "[C] object." / "[C] damaged object."
+        tokens = [self._name_tokens(name) for name in prompt_names]
+        ids = torch.stack([t[0] for t in tokens]).to(device)  # [B, 2, 77]
+        positions = torch.stack([t[1] for t in tokens]).to(device)  # [B, 2, n_ctx]
+        prompts, length = ids.shape[1], ids.shape[2]
+        width = query.shape[-1]
+        base = model.token_embedding(ids).to(dtype)  # [B, 2, 77, W]
+        base = base[:, None].expand(batch, n_layers, prompts, length, width)
+        context = text.context[None, None] + visual.to(dtype)[:, :, :, None, :]  # [B, L, 2, n_ctx, W]
+        index = positions[:, None, :, :, None].expand(batch, n_layers, prompts, text.n_ctx, width)
+        enhanced = torch.scatter(base, 3, index, context)  # context spliced in at its positions
+        all_embeddings = torch.cat([query, enhanced.reshape(-1, length, width)], dim=0)
+        all_ids = torch.cat([text.token_ids, ids[:, None].expand(batch, n_layers, prompts, length).reshape(-1, length)])
+        encoded = text.encode(all_embeddings, all_ids)  # the one text-encoder call
+        return encoded[:prompts], encoded[prompts:].reshape(batch, n_layers, prompts, -1)
+
+    def _branches(self, images: torch.Tensor, class_names: Sequence[str] | None) -> _BranchOutputs:
+        config = self.config
+        names = self._class_names(class_names, images.shape[0])
+        prompt_names, report = self.filter_names(names)
+        features = self.image_features(images)
+        visual = self.visual_prompts(features)  # [B, L, P', W]
+        query, enhanced = self.encode_prompts(prompt_names, visual)
+        text_query = F.normalize(query.float(), dim=-1)  # [2, D]
+        text_enhanced = F.normalize(enhanced.float(), dim=-1)  # [B, L, 2, D]
+        temperature = config.temperature
+        probs_query, probs_enhanced = [], []
+        for index, patches in enumerate(features.patch_embeddings):
+            patches = patches.float()
+            probs_query.append(ops.anomaly_probability(patches, text_query, temperature))
+            probs_enhanced.append(ops.anomaly_probability(patches, text_enhanced[:, index], temperature))
+        global_embedding = F.normalize(features.global_embedding.float(), dim=-1)  # [B, D]
+        logits_query = global_embedding @ text_query.transpose(0, 1) / temperature
+        if config.enhanced_global_text == "last":
+            global_text = text_enhanced[:, -1]  # [B, 2, D]
+        else:
+            global_text = F.normalize(text_enhanced.mean(dim=1), dim=-1)
+        logits_enhanced = torch.einsum("bd,bcd->bc", global_embedding, global_text) / temperature
+        return _BranchOutputs(features, prompt_names, report, visual, text_query, text_enhanced,
+                              probs_query, probs_enhanced, logits_query, logits_enhanced)
+
+    # -- inference ---------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, class_names: Sequence[str] | None = None) -> MethodOutput:
+        """Args: images [B, 3, S, S]; class_names: B names (None: "object" for every image).
+        Returns: scores [B] in [0, 1] and maps [B, S, S] of ``config.branch``; see the class docstring for extras."""
+        config = self.config
+        size = tuple(images.shape[-2:])
+        out = self._branches(images, class_names)
+        grid = out.features.grid_size
+
+        def layer_maps(probs: list[torch.Tensor]) -> torch.Tensor:
+            grid_maps = torch.stack([ops.layer_anomaly_map(p, grid) for p in probs], dim=1)  # [B, L, h, w]
+            return ops.upsample_maps(grid_maps, size)  # [B, L, S, S]
+
+        enhanced_layers = layer_maps(out.probs_enhanced)
+        query_layers = layer_maps(out.probs_query)
+        reduce = (lambda m: m.sum(dim=1)) if config.layer_fusion == "sum" else (lambda m: m.mean(dim=1))
+        both = torch.stack([reduce(enhanced_layers), reduce(query_layers)], dim=1)  # [B, 2, S, S]
+        if config.blur_sigma > 0:
+            both = ops.gaussian_blur(both, config.blur_sigma)
+        enhanced_maps, query_maps = both[:, 0], both[:, 1]
+        enhanced_scores = out.logits_enhanced.softmax(dim=-1)[:, 1]
+        query_scores = out.logits_query.softmax(dim=-1)[:, 1]
+        w = float(config.fusion_weight)
+        fused_maps = w * enhanced_maps + (1.0 - w) * query_maps
+        fused_scores = w * enhanced_scores + (1.0 - w) * query_scores
+        if config.branch == "enhanced":
+            scores, maps, returned_layers = enhanced_scores, enhanced_maps, enhanced_layers
+        elif config.branch == "query":
+            scores, maps, returned_layers = query_scores, query_maps, query_layers
+        else:
+            scores, maps = fused_scores, fused_maps
+            returned_layers = w * enhanced_layers + (1.0 - w) * query_layers
+        extras: dict[str, Any] = {
+            "enhanced_maps": enhanced_maps, "query_maps": query_maps, "fused_maps": fused_maps,
+            "enhanced_scores": enhanced_scores, "query_scores": query_scores, "fused_scores": fused_scores,
+            "enhanced_layer_maps": enhanced_layers, "query_layer_maps": query_layers, "layer_maps": returned_layers,
+            "text_features_query": out.text_query, "text_features_enhanced": out.text_enhanced,
+            "visual_prompts": out.visual_prompts, "prompt_names": out.prompt_names, "filter_report": out.report,
+        }
+        return MethodOutput(scores=scores, maps=maps, extras=extras)
+
+    # -- training ----------------------------------------------------------------------------------------------------
+    def _pixel_loss(self, probs: list[torch.Tensor], grid, size, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Sum over layers of focal and of both dice terms, on the upsampled 2-channel probabilities."""
+        target_float = target.float()
+        focal_total = target_float.new_zeros(())
+        dice_total = target_float.new_zeros(())
+        for layer_probs in probs:
+            batch = layer_probs.shape[0]
+            grid_probs = layer_probs.transpose(1, 2).reshape(batch, 2, *grid)  # [B, 2, h, w]
+            pixel_probs = ops.upsample_maps(grid_probs, size)  # [B, 2, S, S]
+            focal_total = focal_total + focal_loss(pixel_probs, target, gamma=self.config.focal_gamma)
+            dice_total = dice_total + dice_loss(pixel_probs[:, 1], target_float)
+            dice_total = dice_total + dice_loss(pixel_probs[:, 0], 1.0 - target_float)
+        return focal_total, dice_total
+
+    def training_loss(self, images: torch.Tensor, masks: torch.Tensor | None, labels: torch.Tensor,
+                      class_names: Sequence[str] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """``enhanced_loss_weight * L_enh + query_loss_weight * L_query``; per branch
+        ``L = pixel_loss_weight * sum_layers [focal + dice(p_abn, mask) + dice(p_norm, 1 - mask)]
+        + image_loss_weight * CE``.
+
+        Args:
+            images: [B, 3, S, S]; masks: [B, S, S] (bool, or float > 0.5 anomalous) or None (image loss only);
+            labels: [B] 0/1; class_names: B names (filtered before prompting).
+        Returns:
+            (loss, parts): ``"enhanced_image_ce"``, ``"query_image_ce"`` and, with masks, ``"enhanced_focal"``,
+            ``"enhanced_dice"``, ``"query_focal"``, ``"query_dice"`` (unweighted sums over layers).
+        """
+        config = self.config
+        out = self._branches(images, class_names)
+        device = out.logits_query.device
+        labels = labels.to(device).reshape(-1)
+        parts: dict[str, float] = {}
+        branch_losses = {}
+        for branch, logits in (("enhanced", out.logits_enhanced), ("query", out.logits_query)):
+            ce = image_cross_entropy(logits, labels)
+            parts[f"{branch}_image_ce"] = float(ce.detach())
+            branch_losses[branch] = config.image_loss_weight * ce
+        if masks is not None:
+            size = tuple(images.shape[-2:])
+            masks = masks.to(device)
+            if masks.ndim == 4 and masks.shape[1] == 1:
+                masks = masks[:, 0]
+            if tuple(masks.shape) != (images.shape[0], *size):
+                raise MethodError(f"masks must be [B, {size[0]}, {size[1]}], got {tuple(masks.shape)}")
+            target = masks > 0.5 if masks.is_floating_point() else masks.bool()
+            grid = out.features.grid_size
+            for branch, probs in (("enhanced", out.probs_enhanced), ("query", out.probs_query)):
+                focal_total, dice_total = self._pixel_loss(probs, grid, size, target)
+                parts[f"{branch}_focal"] = float(focal_total.detach())
+                parts[f"{branch}_dice"] = float(dice_total.detach())
+                branch_losses[branch] = branch_losses[branch] + config.pixel_loss_weight * (focal_total + dice_total)
+        loss = (config.enhanced_loss_weight * branch_losses["enhanced"]
+                + config.query_loss_weight * branch_losses["query"])
+        return loss, parts
+
+    # -- reporting ---------------------------------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        described = super().describe()
+        described["name_filter"] = {
+            "rule": self.config.name_filter,
+            "replacement": self.config.filter_replacement,
+            "filtered": sorted(self.filtered_names),
+            "kept": sorted(self.kept_names),
+        }
+        described["our_choices"] = dict(OUR_CHOICES)
+        return described
