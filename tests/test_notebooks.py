@@ -77,7 +77,9 @@ def test_notebook_runs_and_matches_expected(name, tmp_path, synthetic_root, requ
     unknown = set(SMOKE[name]) - parameter_names(notebook)
     assert not unknown, f"{name}: unknown parameters {sorted(unknown)}"
     output_dir = tmp_path / "out"
-    parameters = dict(SMOKE[name], output_dir=str(output_dir), data_root=str(synthetic_root))
+    # every dataset-root parameter points at the session's synthetic set
+    roots = {key: str(synthetic_root) for key in parameter_names(notebook) if key.endswith("root")}
+    parameters = dict(SMOKE[name], output_dir=str(output_dir), **roots)
     assert set(parameters) <= parameter_names(notebook)
     papermill.execute_notebook(str(notebook), str(tmp_path / f"{name}.out.ipynb"), parameters=parameters,
                                kernel_name="python3", cwd=str(notebook.parent), progress_bar=False)
