@@ -127,3 +127,41 @@ def test_demo_with_tiny_backbone(capsys, tmp_path, synthetic_root):
         assert (tmp_path / "demo" / name).is_file()
     summary = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert summary["random_weights"] and summary["extra"]["demo"]["tiny_fallback"]
+
+
+@pytest.mark.parametrize("method", ["anomalyclip", "april_gan", "genclip"])
+def test_train_then_eval_and_predict_with_the_checkpoint(capsys, tmp_path, synthetic_root, method):
+    run_dir = tmp_path / "run"
+    code, out, err = run(capsys, "train", "--method", method, "--dataset", "synthetic", "--data-root",
+                         str(synthetic_root), "--classes", "carpet", "bottle", "--max-per-class", "4",
+                         "--epochs", "1", "--batch-size", "4", "--out", str(run_dir), *TINY)
+    assert code == 0, err
+    assert (run_dir / "learned.safetensors").is_file() and (run_dir / "log.jsonl").is_file()
+    assert f"--checkpoint {run_dir}" in out
+    code, out, err = run(capsys, "eval", "--method", method, "--checkpoint", str(run_dir), "--dataset", "synthetic",
+                         "--data-root", str(synthetic_root), "--classes", "pill", "--max-per-class", "2",
+                         "--out", str(tmp_path / "eval"), *TINY)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert summary["extra"]["checkpoint"] == str(run_dir)
+    sizes = _user_images(tmp_path / "mine")
+    code, _, err = run(capsys, "predict", "--method", method, "--checkpoint", str(run_dir), str(tmp_path / "mine"),
+                       "--out", str(tmp_path / "pred"), *TINY)
+    assert code == 0, err
+    assert len(list((tmp_path / "pred").glob("*_overlay.png"))) == len(sizes)
+
+
+def test_checkpoint_of_another_method_is_one_line(capsys, tmp_path, synthetic_root):
+    run_dir = tmp_path / "run"
+    assert run(capsys, "train", "--method", "anomalyclip", "--dataset", "synthetic", "--data-root",
+               str(synthetic_root), "--classes", "carpet", "--max-per-class", "2", "--max-steps", "1",
+               "--batch-size", "2", "--out", str(run_dir), *TINY)[0] == 0
+    code, _, err = run(capsys, "eval", "--method", "genclip", "--checkpoint", str(run_dir), "--dataset", "synthetic",
+                       "--data-root", str(synthetic_root), *TINY)
+    assert code == 2 and "anomalyclip" in err and len(err.strip().splitlines()) == 1
+
+
+def test_training_a_training_free_method_is_refused(capsys, tmp_path):
+    code, _, err = run(capsys, "train", "--method", "winclip", "--dataset", "synthetic", "--data-root", ".",
+                       "--out", str(tmp_path), *TINY)
+    assert code == 2 and "training-free" in err

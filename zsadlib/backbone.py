@@ -32,7 +32,7 @@ import contextlib
 import os
 import warnings
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .utils import resolve_device, sha256_file
+from .utils import resolve_device, sha256_file, state_mismatch
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -423,23 +423,9 @@ def _load_weights_file(model: nn.Module, path: Path, name: str) -> None:
     if "logit_scale" in state and state["logit_scale"].ndim != model.logit_scale.ndim:
         state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
     open_clip.model.resize_pos_embed(state, model)  # no-op when the file matches the native grid
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [
-        f"{key} {tuple(state[key].shape)} != {tuple(expected[key].shape)}"
-        for key in expected
-        if key in state and tuple(state[key].shape) != tuple(expected[key].shape)
-    ]
-    if missing or unexpected or mismatched:
-        details = []
-        if missing:
-            details.append(f"missing {len(missing)} keys (e.g. {missing[:3]})")
-        if unexpected:
-            details.append(f"unexpected {len(unexpected)} keys (e.g. {unexpected[:3]})")
-        if mismatched:
-            details.append(f"shape mismatch: {mismatched[:3]}")
-        raise BackboneError(f"checkpoint {path} does not fit model {name}: " + "; ".join(details))
+    problems = state_mismatch(model.state_dict(), state, limit=3)
+    if problems:
+        raise BackboneError(f"checkpoint {path} does not fit model {name}: {problems}")
     model.load_state_dict(state, strict=True)
 
 

@@ -77,7 +77,7 @@ def _cmd_eval(args) -> int:
         dataset = dataset.subset(max_per_class=args.max_per_class, seed=args.seed)
     result = evaluate(method, dataset, out_dir=args.out, batch_size=args.batch_size, precision=args.precision,
                       num_workers=args.workers, seed=args.seed, progress=not args.quiet,
-                      extra_info={"argv": args.argv})
+                      extra_info={"argv": args.argv, "checkpoint": args.checkpoint})
     print(format_table(result.table))
     if result.summary.get("random_weights"):
         print("note: random (tiny) weights; these numbers mean nothing")

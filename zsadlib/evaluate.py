@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import math
 import shutil
 import tempfile
 import time
@@ -37,7 +36,7 @@ from tqdm.auto import tqdm
 from . import metrics as metrics_module
 from .data import AnomalyDataset, collate_samples
 from .methods.base import AnomalyMethod, MethodOutput
-from .utils import package_versions
+from .utils import json_safe, package_versions
 
 __all__ = ["Precision", "autocast", "run_method", "evaluate", "EvaluationResult", "PRECISIONS", "format_table"]
 
@@ -94,18 +93,6 @@ class EvaluationResult:
         return metrics_module.format_percent(self.table, decimals)
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, (np.floating, np.integer)):
-        return _json_safe(value.item())
-    return value
 
 
 def evaluate(
@@ -216,7 +203,7 @@ def evaluate(
     }
     if extra_info:
         summary["extra"] = extra_info
-    summary = _json_safe(summary)
+    summary = json_safe(summary)
     out_path = None
     if out_dir is not None:
         out_path = Path(out_dir)

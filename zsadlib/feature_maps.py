@@ -18,6 +18,7 @@ import torch
 from . import ops
 from .backbone import Backbone, WeightsNotFoundError, load_backbone
 from .metrics import compute
+from .utils import json_safe
 
 __all__ = ["load_backbone_or_tiny", "prompt_pair_embeddings", "layer_similarity_maps", "layer_map_metrics",
            "write_json"]
@@ -93,17 +94,6 @@ def write_json(path: str | Path, content: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
 
-    def clean(value):
-        if isinstance(value, dict):
-            return {str(k): clean(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [clean(v) for v in value]
-        if isinstance(value, float) and np.isnan(value):
-            return None
-        if isinstance(value, (np.floating, np.integer)):
-            return value.item()
-        return value
-
-    path.write_text(json.dumps(clean(content), indent=2))
+    path.write_text(json.dumps(json_safe(content), indent=2))
     return path
 

@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 from .data import AnomalyDataset, collate_samples
 from .evaluate import PRECISIONS, autocast
 from .methods.base import AnomalyMethod, MethodConfig, MethodError
-from .utils import package_versions, resolve_device
+from .utils import package_versions, resolve_device, json_safe
 
 __all__ = [
     "TrainConfig",
@@ -181,20 +181,6 @@ class TrainResult:
 # ---------------------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------------------
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, torch.device):
-        return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
@@ -279,7 +265,7 @@ def _atomic_write_bytes(path: Path, writer: Callable[[Path], None]) -> None:
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    _atomic_write_bytes(path, lambda tmp: tmp.write_text(json.dumps(_json_safe(payload), indent=2)))
+    _atomic_write_bytes(path, lambda tmp: tmp.write_text(json.dumps(json_safe(payload), indent=2)))
 
 
 def save_learned(method: AnomalyMethod, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
@@ -433,12 +419,12 @@ def _warn_differences(method: AnomalyMethod, meta: dict[str, Any], path: Path) -
         if saved_backbone.get(key) != own.get(key) and (saved_backbone.get(key) or own.get(key)):
             notes.append(f"backbone {key} {saved_backbone.get(key)!r} != {own.get(key)!r}")
     saved_config = meta.get("method_config") or {}
-    current = _json_safe(method.config.to_dict())
+    current = json_safe(method.config.to_dict())
     skip = set(TrainConfig.fields()) | {"backbone", "pretrained"}
     for key, value in saved_config.items():
         if key in skip or key not in current:
             continue
-        if _json_safe(value) != current[key]:
+        if json_safe(value) != current[key]:
             notes.append(f"config {key} {value!r} != {current[key]!r}")
     if notes:
         warnings.warn(f"checkpoint {path} was trained with a different setup: " + "; ".join(notes), stacklevel=3)
@@ -656,7 +642,7 @@ def train(
                 }
                 if len(optimizer.param_groups) > 1:
                     record["group_lrs"] = [float(g["lr"]) for g in optimizer.param_groups]
-                log.write(json.dumps(_json_safe(record)) + "\n")
+                log.write(json.dumps(json_safe(record)) + "\n")
                 log.flush()
                 history.append(record)
                 bar.update(1)

@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import platform
 import random
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["resolve_device", "seed_everything", "sha256_file", "package_versions"]
+__all__ = ["resolve_device", "seed_everything", "sha256_file", "package_versions", "json_safe", "state_mismatch"]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -48,3 +50,32 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
+
+
+def json_safe(value: Any) -> Any:
+    """A JSON-ready copy: NaN/inf -> None, numpy scalars -> Python, paths and devices -> str, tuples -> lists."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (Path, torch.device)):
+        return str(value)
+    if isinstance(value, (np.floating, np.integer)):
+        return json_safe(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def state_mismatch(expected: dict[str, Any], state: dict[str, Any], limit: int = 4) -> str:
+    """'' when ``state`` has exactly the keys and shapes of ``expected``; else what differs, in one line."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}" for k in expected
+                  if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+        if items:
+            more = f" ... ({len(items)} in all)" if len(items) > limit else ""
+            parts.append(f"{label} {items[:limit]}{more}")
+    return "; ".join(parts)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..backbone import Backbone, load_backbone
+from ..utils import state_mismatch
 
 __all__ = [
     "MethodConfig",
@@ -135,19 +136,9 @@ class AnomalyMethod(nn.Module):
     def load_learned_state_dict(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
         """Load learned parameters strictly: every key present, no extra key, same shapes; says what differs."""
         own = self.learned_parameters()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        mismatched = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}" for k in own
-                      if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-        if missing or unexpected or mismatched:
-            parts = []
-            if missing:
-                parts.append(f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}")
-            if unexpected:
-                parts.append(f"unexpected {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}")
-            if mismatched:
-                parts.append(f"shape mismatch {mismatched[:4]}")
-            raise MethodError(f"{source} does not fit {self.name}: " + "; ".join(parts))
+        problems = state_mismatch(own, state)
+        if problems:
+            raise MethodError(f"{source} does not fit {self.name}: {problems}")
         with torch.no_grad():
             for name, parameter in own.items():
                 parameter.copy_(state[name].to(device=parameter.device, dtype=parameter.dtype))
