@@ -33,6 +33,7 @@ data: venv
 
 bench: venv
 	$(BIN)/python bench/bench_metrics.py
+	$(BIN)/python bench/bench_method.py --method anomalyclip
 
 lab: venv
 	$(BIN)/jupyter lab notebooks/
