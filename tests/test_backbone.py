@@ -243,7 +243,7 @@ def test_offline_tag_gives_one_line_message(monkeypatch, tmp_path):
     assert "\n" not in message
     for part in ("ViT-L-14-336-quickgelu", "'openai'", str(tmp_path), "pretrained='/path/to/"):
         assert part in message
-    assert error.value.__cause__ is None and error.value.__suppress_context__
+    assert error.value.__cause__ is None and (error.value.__context__ is None or error.value.__suppress_context__)
 
 
 def test_unknown_model_and_tag():
@@ -293,3 +293,36 @@ def test_real_vit_l_14_336_features():
     assert features.patch_embeddings[0].shape == (1, 1369, 768)
     assert F.cosine_similarity(features.global_embedding, backbone.encode_image(
         torch.zeros(1, 3, 518, 518, device=backbone.device))).item() > 0.999
+
+
+def _fake_hub_cache(root, repo_id, filename, content=b"weights"):
+    """The Hugging Face cache layout: models--org--name/{refs/main, snapshots/<rev>/<file>}."""
+    folder = root / ("models--" + repo_id.replace("/", "--"))
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("abc123")
+    snapshot = folder / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / filename).write_bytes(content)
+    return snapshot / filename
+
+
+def test_cached_tag_weights_are_found_without_the_network(tmp_path, monkeypatch):
+    from zsadlib import backbone as module
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(module, "_hub_reachable", lambda timeout=3.0: pytest.fail("no network look-up expected"))
+    cfg = open_clip.get_pretrained_cfg("ViT-L-14-336-quickgelu", "openai")
+    repo_id = cfg["hf_hub"].rstrip("/")
+    path = _fake_hub_cache(tmp_path, repo_id, "open_clip_pytorch_model.bin")
+    assert module._download_tag("ViT-L-14-336-quickgelu", "openai", str(tmp_path)) == str(path)
+
+
+def test_unreachable_hub_fails_fast_with_one_line(tmp_path, monkeypatch):
+    from zsadlib import backbone as module
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(module, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(open_clip, "download_pretrained", lambda *a, **k: pytest.fail("no download expected"))
+    with pytest.raises(WeightsNotFoundError, match="unreachable") as error:
+        load_backbone("ViT-B-16-plus-240", pretrained="laion400m_e31", image_size=240, cache_dir=str(tmp_path))
+    assert "\n" not in str(error.value)

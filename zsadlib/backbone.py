@@ -366,31 +366,75 @@ def _hf_cache_dir() -> str:
     return str(constants.HF_HUB_CACHE)
 
 
+def _cached_hub_file(cfg: dict, cache_dir: str | None) -> str | None:
+    """The tag's weights file when it is already in the Hugging Face cache (no network), else None."""
+    hub = cfg.get("hf_hub", "")
+    if not hub:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    repo_id, filename = os.path.split(hub.rstrip("/")) if not hub.endswith("/") else (hub.rstrip("/"), "")
+    names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+    if filename.endswith((".bin", ".pth")):
+        names.insert(0, filename[:-4] + ".safetensors")
+    for candidate in names:
+        found = try_to_load_from_cache(repo_id, candidate, cache_dir=cache_dir)
+        if isinstance(found, str) and Path(found).is_file():
+            return found
+    return None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connection to the hub's endpoint: a closed network fails here in seconds instead of
+    minutes of download retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((endpoint.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _download_tag(name: str, tag: str, cache_dir: str | None) -> str:
     """Path of the weights for an open_clip (name, tag), from the cache or the hub; one clear error if absent."""
     cfg = open_clip.get_pretrained_cfg(name, tag)
     hub_id = cfg.get("hf_hub", "") or cfg.get("url", "")
+    where = cache_dir or _hf_cache_dir()
+    cached = _cached_hub_file(cfg, cache_dir)
+    if cached:
+        return cached
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    import logging
+    reason = ""
+    if offline:
+        reason = "HF_HUB_OFFLINE=1 is set"
+    elif not _hub_reachable():
+        reason = "the hub is unreachable from this machine"
+    if not reason:
+        import logging
 
-    quiet = logging.getLogger("huggingface_hub")
-    previous = quiet.level
-    quiet.setLevel(logging.CRITICAL)
-    try:
-        path = open_clip.download_pretrained(cfg, cache_dir=cache_dir)
-    except Exception as error:  # noqa: BLE001 - any hub/network failure becomes one clear message
-        where = cache_dir or _hf_cache_dir()
-        reason = "HF_HUB_OFFLINE=1 is set" if offline else f"download failed ({type(error).__name__})"
-        raise WeightsNotFoundError(
-            f"weights for {name} (pretrained={tag!r}) are not on this machine: looked in {where} for "
-            f"'{hub_id}' and {reason}; download them where the hub is reachable and pass "
-            f"pretrained='/path/to/open_clip_pytorch_model.bin' (or the OpenAI .pt / a .safetensors file)"
-        ) from None
-    finally:
-        quiet.setLevel(previous)
-    if not path or not Path(path).is_file():
-        raise WeightsNotFoundError(f"weights for {name} (pretrained={tag!r}) could not be resolved to a file")
-    return str(path)
+        quiet = logging.getLogger("huggingface_hub")
+        previous = quiet.level
+        quiet.setLevel(logging.CRITICAL)
+        try:
+            path = open_clip.download_pretrained(cfg, cache_dir=cache_dir)
+            if path and Path(path).is_file():
+                return str(path)
+            reason = "the download gave no file"
+        except Exception as error:  # noqa: BLE001 - any hub/network failure becomes one clear message
+            reason = f"the download failed ({type(error).__name__})"
+        finally:
+            quiet.setLevel(previous)
+    raise WeightsNotFoundError(
+        f"weights for {name} (pretrained={tag!r}) are not on this machine: looked in {where} for "
+        f"'{hub_id}' and {reason}; download them where the hub is reachable and pass "
+        f"pretrained='/path/to/open_clip_pytorch_model.bin' (or the OpenAI .pt / a .safetensors file)"
+    )
 
 
 def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:

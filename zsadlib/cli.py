@@ -80,7 +80,7 @@ def _cmd_eval(args) -> int:
                       extra_info={"argv": args.argv, "checkpoint": args.checkpoint})
     print(format_table(result.table))
     if result.summary.get("random_weights"):
-        print("note: random (tiny) weights; these numbers mean nothing")
+        print("note: random weights; these numbers mean nothing")
     if args.out:
         from .viz import plot_class_metrics
 
@@ -109,7 +109,7 @@ def _cmd_train(args) -> int:
     config = TrainConfig.from_method(method, **overrides)
     result = train(method, dataset, args.out, config=config, resume=not args.restart, progress=not args.quiet)
     if method.backbone.info.get("random_weights"):
-        print("note: random (tiny) weights; the learned prompts mean nothing")
+        print("note: random weights; the learned prompts mean nothing")
     where = result.learned if result.learned else result.checkpoint
     print(f"trained {method.name}: {result.step} steps, last loss {result.last_loss:.4f}; learned parameters in "
           f"{where}; evaluate with: zsad eval --method {method.name} --checkpoint {args.out} ...")
@@ -125,7 +125,7 @@ def _cmd_predict(args) -> int:
                                  precision=args.precision, progress=not args.quiet)
     scores = write_predictions(predictions, args.out, save_npy=args.npy)
     if method.backbone.info.get("random_weights"):
-        print("note: random (tiny) weights; these heatmaps mean nothing")
+        print("note: random weights; these heatmaps mean nothing")
     print(f"{len(paths)} images: maps and overlays in {args.out}, scores in {scores}")
     return 0
 
@@ -219,8 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the main job on the synthetic data (make demo)")
     demo.add_argument("--out", default="outputs/demo")
     demo.add_argument("--data-root", default="data/synthetic")
-    demo.add_argument("--max-per-class", type=int, default=2,
-                      help="images per class (default 2: 14 images, within 5 minutes with real weights on 2 cores)")
+    demo.add_argument("--max-per-class", type=int, default=4,
+                      help="images per class (default 4: 28 images, about 2.5 minutes with real weights on 2 cores)")
     demo.add_argument("--tiny", action="store_true", help="use the tiny random-weight backbone")
     demo.add_argument("--device", default="auto")
     demo.set_defaults(func=_cmd_demo)

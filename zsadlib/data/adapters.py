@@ -246,7 +246,7 @@ def open_dataset(
         check_root(
             root,
             kind,
-            hint="; create it with zsadlib.data.synthetic.ensure_synthetic(root)",
+            hint="; create it with `zsad data synth --out <root>` or zsadlib.data.ensure_synthetic(root)",
         )
         records = scan_mvtec_like(root, split, classes, ("good",), kind)
     elif kind == "visa":
