@@ -45,7 +45,8 @@ from .. import ops
 from ..backbone import Backbone, ImageFeatures
 from ..losses import dice_loss, focal_loss, image_cross_entropy
 from ..prompts.learned import ANOMALYCLIP_TEMPLATES, LearnedPromptConfig, LearnedPromptText
-from .base import AnomalyMethod, MethodConfig, MethodError, MethodOutput, register_method
+from .base import (AnomalyMethod, MethodConfig, MethodError, MethodOutput, check_layers, check_map_settings,
+                   check_options, register_method)
 
 __all__ = [
     "AnomalyCLIPConfig",
@@ -175,19 +176,9 @@ class AnomalyCLIP(AnomalyMethod):
             raise MethodError(
                 f"AnomalyCLIP needs 2 prompt templates (normal, anomalous), got {config.prompt_templates}"
             )
-        if not config.layers:
-            raise MethodError("layers must name at least one vision block")
-        bad = [layer for layer in config.layers if not 1 <= int(layer) <= backbone.num_layers]
-        if bad:
-            raise MethodError(f"layers {bad} out of range: the backbone has vision blocks 1..{backbone.num_layers}")
-        if config.dense_attention not in ("vv", "qkv_sum"):
-            raise MethodError(f"dense_attention must be 'vv' or 'qkv_sum', not {config.dense_attention!r}")
-        if config.layer_fusion not in ("sum", "mean"):
-            raise MethodError(f"layer_fusion must be 'sum' or 'mean', not {config.layer_fusion!r}")
-        if config.temperature <= 0:
-            raise MethodError(f"temperature must be > 0, got {config.temperature}")
-        if config.blur_sigma < 0:
-            raise MethodError(f"blur_sigma must be >= 0, got {config.blur_sigma}")
+        check_layers(config.layers, backbone)
+        check_options(config, dense_attention=("vv", "qkv_sum"), layer_fusion=("sum", "mean"))
+        check_map_settings(config)
 
     # -- pieces ------------------------------------------------------------------------------------------------
     def text_features(self) -> torch.Tensor:

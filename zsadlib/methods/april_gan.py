@@ -41,7 +41,8 @@ from .. import ops
 from ..backbone import Backbone
 from ..losses import dice_loss, focal_loss
 from ..prompts.handcrafted import ANOMALOUS_STATES, NORMAL_STATES, TEMPLATE_SETS, encode_prompt_ensemble
-from .base import AnomalyMethod, MethodConfig, MethodError, MethodOutput, register_method
+from .base import (AnomalyMethod, MethodConfig, MethodError, MethodOutput, check_layers, check_map_settings,
+                   check_options, register_method)
 
 __all__ = [
     "AprilGANConfig",
@@ -158,27 +159,13 @@ class AprilGAN(AnomalyMethod):
 
     @staticmethod
     def _validate(config: AprilGANConfig, backbone: Backbone) -> None:
-        if not config.layers:
-            raise MethodError("layers must name at least one block")
-        bad = [layer for layer in config.layers if not 1 <= int(layer) <= backbone.num_layers]
-        if bad:
-            raise MethodError(f"layers {bad} out of range: the backbone has blocks 1..{backbone.num_layers}")
-        if config.adapter_input not in ("raw", "ln_post"):
-            raise MethodError(f"adapter_input must be 'raw' or 'ln_post', not {config.adapter_input!r}")
-        if config.templates not in _TEMPLATE_CHOICES:
-            raise MethodError(f"templates must be one of {list(_TEMPLATE_CHOICES)}, not {config.templates!r}")
-        if config.anomalous_states not in _STATE_CHOICES:
-            raise MethodError(
-                f"anomalous_states must be one of {list(_STATE_CHOICES)}, not {config.anomalous_states!r}"
-            )
-        if config.layer_fusion not in ("sum", "mean"):
-            raise MethodError(f"layer_fusion must be 'sum' or 'mean', not {config.layer_fusion!r}")
-        if config.image_score not in ("global", "map_max"):
-            raise MethodError(f"image_score must be 'global' or 'map_max', not {config.image_score!r}")
+        check_layers(config.layers, backbone)
+        check_options(config, adapter_input=("raw", "ln_post"), templates=tuple(_TEMPLATE_CHOICES),
+                      anomalous_states=tuple(_STATE_CHOICES), layer_fusion=("sum", "mean"),
+                      image_score=("global", "map_max"))
         if config.logit_scale <= 0:
             raise MethodError(f"logit_scale must be > 0, got {config.logit_scale}")
-        if config.blur_sigma < 0:
-            raise MethodError(f"blur_sigma must be >= 0, got {config.blur_sigma}")
+        check_map_settings(config)
 
     # -- text ------------------------------------------------------------------------------------------------
     def text_features(self, class_names: Sequence[str]) -> torch.Tensor:

@@ -33,6 +33,9 @@ __all__ = [
     "list_methods",
     "get_method_class",
     "build_method",
+    "check_layers",
+    "check_map_settings",
+    "check_options",
 ]
 
 
@@ -73,6 +76,31 @@ class MethodConfig:
         if unknown:
             raise MethodError(f"unknown {type(self).__name__} fields {unknown}; known: {sorted(known)}")
         return dataclasses.replace(self, **changes)
+
+
+def check_options(config: MethodConfig, **choices: Sequence[Any]) -> None:
+    """Raise MethodError naming the field when ``getattr(config, field)`` is not one of its ``choices``."""
+    for field_name, allowed in choices.items():
+        value = getattr(config, field_name)
+        if value not in allowed:
+            raise MethodError(f"{field_name} must be one of {list(allowed)}, not {value!r}")
+
+
+def check_layers(layers: Sequence[int], backbone: Backbone, field_name: str = "layers") -> None:
+    """Raise MethodError unless ``layers`` names at least one block of the backbone (1-based)."""
+    if not layers:
+        raise MethodError(f"{field_name} must name at least one vision block")
+    bad = [layer for layer in layers if not 1 <= int(layer) <= backbone.num_layers]
+    if bad:
+        raise MethodError(f"{field_name} {bad} out of range: the backbone has vision blocks 1..{backbone.num_layers}")
+
+
+def check_map_settings(config: MethodConfig) -> None:
+    """The shared similarity / post-processing fields: temperature > 0 and blur_sigma >= 0 (where present)."""
+    if getattr(config, "temperature", 1.0) <= 0:
+        raise MethodError(f"temperature must be > 0, got {config.temperature}")
+    if getattr(config, "blur_sigma", 0.0) < 0:
+        raise MethodError(f"blur_sigma must be >= 0, got {config.blur_sigma}")
 
 
 @dataclass

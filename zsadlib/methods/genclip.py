@@ -46,7 +46,8 @@ from ..backbone import Backbone, ImageFeatures
 from ..losses import dice_loss, focal_loss, image_cross_entropy
 from ..prompts.filtering import FILTER_RULES, FilterReport, filter_class_names
 from ..prompts.learned import LearnedPromptConfig, LearnedPromptText, fill_placeholder
-from .base import AnomalyMethod, MethodConfig, MethodError, MethodOutput, register_method
+from .base import (AnomalyMethod, MethodConfig, MethodError, MethodOutput, check_layers, check_map_settings,
+                   check_options, register_method)
 
 __all__ = [
     "GenCLIPConfig",
@@ -230,15 +231,12 @@ class GenCLIP(AnomalyMethod):
 
     @staticmethod
     def _validate(config: GenCLIPConfig, backbone: Backbone) -> None:
-        if not config.layers:
-            raise MethodError("layers must name at least one vision block")
-        bad = [layer for layer in config.layers if not 1 <= int(layer) <= backbone.num_layers]
-        if bad:
-            raise MethodError(f"layers {bad} out of range: the backbone has vision blocks 1..{backbone.num_layers}")
+        check_layers(config.layers, backbone)
         if config.dense_from is not None and not 1 <= int(config.dense_from) <= backbone.num_layers:
             raise MethodError(f"dense_from must be None or in 1..{backbone.num_layers}, got {config.dense_from}")
-        if config.dense_attention not in ("vv", "qkv_sum"):
-            raise MethodError(f"dense_attention must be 'vv' or 'qkv_sum', not {config.dense_attention!r}")
+        check_options(config, dense_attention=("vv", "qkv_sum"), mvp_activation=tuple(sorted(_ACTIVATIONS)),
+                      name_filter=tuple(sorted(FILTER_RULES)), layer_fusion=("sum", "mean"),
+                      enhanced_global_text=("last", "mean"), branch=tuple(BRANCHES))
         for field_name in ("query_templates", "enhanced_templates"):
             templates = tuple(getattr(config, field_name))
             if len(templates) != 2:
@@ -252,24 +250,11 @@ class GenCLIP(AnomalyMethod):
         n_text_layers = len(backbone.model.transformer.resblocks)
         if config.deep_prompts and not 2 <= int(config.deep_depth) <= n_text_layers:
             raise MethodError(f"deep_depth must be in 2..{n_text_layers} with deep_prompts, got {config.deep_depth}")
-        if config.mvp_activation not in _ACTIVATIONS:
-            raise MethodError(f"mvp_activation must be one of {sorted(_ACTIVATIONS)}, not {config.mvp_activation!r}")
         if config.mvp_hidden is not None and int(config.mvp_hidden) < 1:
             raise MethodError(f"mvp_hidden must be None or >= 1, got {config.mvp_hidden}")
-        if config.name_filter not in FILTER_RULES:
-            raise MethodError(f"unknown name_filter {config.name_filter!r}; registered: {sorted(FILTER_RULES)}")
-        if config.layer_fusion not in ("sum", "mean"):
-            raise MethodError(f"layer_fusion must be 'sum' or 'mean', not {config.layer_fusion!r}")
-        if config.enhanced_global_text not in ("last", "mean"):
-            raise MethodError(f"enhanced_global_text must be 'last' or 'mean', not {config.enhanced_global_text!r}")
         if not 0.0 <= float(config.fusion_weight) <= 1.0:
             raise MethodError(f"fusion_weight must be in [0, 1], got {config.fusion_weight}")
-        if config.branch not in BRANCHES:
-            raise MethodError(f"branch must be one of {BRANCHES}, not {config.branch!r}")
-        if config.temperature <= 0:
-            raise MethodError(f"temperature must be > 0, got {config.temperature}")
-        if config.blur_sigma < 0:
-            raise MethodError(f"blur_sigma must be >= 0, got {config.blur_sigma}")
+        check_map_settings(config)
 
     # -- class names -----------------------------------------------------------------------------------------------
     def filter_names(self, class_names: Sequence[str]) -> tuple[list[str], FilterReport]:

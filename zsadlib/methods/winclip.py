@@ -27,7 +27,8 @@ import torch
 from .. import ops
 from ..backbone import Backbone
 from ..prompts.handcrafted import TEMPLATE_SETS, encode_prompt_ensemble
-from .base import AnomalyMethod, MethodConfig, MethodError, MethodOutput, register_method
+from .base import (AnomalyMethod, MethodConfig, MethodError, MethodOutput, check_map_settings, check_options,
+                   register_method)
 
 __all__ = [
     "WinCLIPConfig",
@@ -188,16 +189,10 @@ class WinCLIP(AnomalyMethod):
         _check_class_token_pooling(backbone)
         if config.k_shot != 0:
             raise MethodError("only zero-shot WinCLIP (k_shot=0) is implemented; WinCLIP+ is not")
-        if config.scale_fusion not in ("harmonic", "mean"):
-            raise MethodError(f"scale_fusion must be 'harmonic' or 'mean', not {config.scale_fusion!r}")
-        if config.templates not in TEMPLATE_SETS:
-            raise MethodError(f"templates must be one of {sorted(TEMPLATE_SETS)}, not {config.templates!r}")
-        if config.temperature <= 0:
-            raise MethodError(f"temperature must be > 0, got {config.temperature}")
+        check_options(config, scale_fusion=("harmonic", "mean"), templates=tuple(sorted(TEMPLATE_SETS)))
+        check_map_settings(config)
         if config.window_batch < 1 or config.window_stride < 1:
             raise MethodError("window_batch and window_stride must be >= 1")
-        if config.blur_sigma < 0:
-            raise MethodError(f"blur_sigma must be >= 0, got {config.blur_sigma}")
         if not config.scales and not config.include_image_score:
             raise MethodError("no scales and include_image_score=False leaves nothing to build a map from")
         grid = backbone.grid_size
