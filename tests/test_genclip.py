@@ -376,3 +376,11 @@ def test_training_engine_learns_and_checkpoint_reloads(tiny_backbone, synthetic_
     batch = held_out["pill"]
     torch.testing.assert_close(reloaded(batch.images, list(batch.class_names)).maps,
                                learner(batch.images, list(batch.class_names)).maps, atol=0, rtol=0)
+
+
+def test_metrics_record_the_filter_outcome_of_the_evaluated_classes_only(tiny_backbone):
+    method = build_method("genclip", backbone=tiny_backbone)
+    method(torch.zeros(2, 3, 112, 112), ["pcb1", "bottle"])  # names seen earlier (e.g. in training)
+    described = method.describe(["widget2", "screw"])["name_filter"]
+    assert described["filtered"] == ["widget2"] and described["kept"] == ["screw"]
+    assert "pcb1" in method.describe()["name_filter"]["filtered"]

@@ -223,3 +223,15 @@ def test_ablation_fields_change_outputs(tiny_backbone, tiny_images, batch_output
 def test_config_is_a_dataclass_with_commented_defaults():
     names = {f.name for f in dataclasses.fields(WinCLIPConfig)}
     assert {"scales", "temperature", "include_image_score", "window_batch", "templates", "k_shot"} <= names
+
+
+def test_cached_text_is_float32_even_when_first_built_under_autocast(tiny_backbone):
+    from zsadlib.evaluate import run_method
+
+    images = torch.zeros(1, 3, 112, 112)
+    first = build_method("winclip", backbone=tiny_backbone)
+    run_method(first, images, ["bottle"], precision="bf16")
+    fresh = build_method("winclip", backbone=tiny_backbone)
+    fresh.text_features(["bottle"])
+    assert torch.equal(first.text_features(["bottle"]), fresh.text_features(["bottle"]))
+    assert first.text_features(["bottle"]).dtype == torch.float32

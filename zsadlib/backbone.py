@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .utils import resolve_device, sha256_file, state_mismatch
+from .utils import resolve_device, seeded, sha256_file, state_mismatch
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -487,13 +487,6 @@ def _quiet_root_logger():
         root.setLevel(previous)
 
 
-@contextlib.contextmanager
-def _seeded(seed: int):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
 def load_backbone(
     name: str = DEFAULT_MODEL,
     pretrained: str | os.PathLike | None = DEFAULT_PRETRAINED,
@@ -552,7 +545,7 @@ def load_backbone(
                 f"or pass a path to a local checkpoint file"
             )
 
-    with _seeded(seed), _quiet_root_logger():
+    with seeded(seed), _quiet_root_logger():
         model = open_clip.create_model(name, pretrained=None, device="cpu")
     if weights_path is not None:
         _load_weights_file(model, weights_path, name)

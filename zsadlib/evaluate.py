@@ -183,7 +183,7 @@ def evaluate(
         "metrics": table_dict["mean"],
         "per_class": table_dict["per_class"],
         "nan_classes": table_dict["nan_classes"],
-        "method": method.describe(),
+        "method": method.describe(dataset.class_names),
         "backbone": backbone_info,
         "weights_sha256": backbone_info.get("weights_sha256"),
         "random_weights": bool(backbone_info.get("random_weights")),

@@ -122,7 +122,7 @@ def upsample_maps(maps: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor
     size = _as_size(size)
     if maps.ndim not in (3, 4):
         raise ValueError(f"maps must be [B, h, w] or [B, L, h, w], got {tuple(maps.shape)}")
-    work = maps if maps.is_floating_point() and maps.dtype != torch.float16 else maps.float()
+    work = maps if maps.dtype in (torch.float32, torch.float64) else maps.float()
     x = work.unsqueeze(1) if maps.ndim == 3 else work
     out = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     out = out.squeeze(1) if maps.ndim == 3 else out

@@ -1,6 +1,7 @@
 """Small shared helpers: device choice, seeding, checksums, environment facts."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import platform
@@ -12,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["resolve_device", "seed_everything", "sha256_file", "package_versions", "json_safe", "state_mismatch"]
+__all__ = ["seeded", "resolve_device", "seed_everything", "sha256_file", "package_versions", "json_safe", "state_mismatch"]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -29,6 +30,16 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Run a block with torch seeded by ``seed``, restoring the CPU and every CUDA generator afterwards
+    (``torch.manual_seed`` also reseeds CUDA, so forking the CPU generator alone would not leave it untouched)."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(seed))
+        yield
 
 
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 22) -> str:

@@ -41,6 +41,7 @@ from .. import ops
 from ..backbone import Backbone
 from ..losses import dice_loss, focal_loss
 from ..prompts.handcrafted import ANOMALOUS_STATES, NORMAL_STATES, TEMPLATE_SETS, encode_prompt_ensemble
+from ..utils import seeded
 from .base import (AnomalyMethod, MethodConfig, MethodError, MethodOutput, check_layers, check_map_settings,
                    check_options, register_method)
 
@@ -148,8 +149,7 @@ class AprilGAN(AnomalyMethod):
         super().__init__(config, backbone)
         self._validate(config, backbone)
         self.layers = tuple(int(layer) for layer in config.layers)
-        with torch.random.fork_rng(devices=[]):  # deterministic init, global RNG untouched
-            torch.manual_seed(int(config.seed))
+        with seeded(config.seed):  # deterministic init, global RNGs (CPU and CUDA) untouched
             self.adapters = nn.ModuleList(
                 nn.Linear(backbone.vision_width, backbone.embed_dim, bias=config.adapter_bias)
                 for _ in self.layers
@@ -223,6 +223,7 @@ class AprilGAN(AnomalyMethod):
         return features, text, probabilities
 
     # -- forward ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
     def forward(self, images: torch.Tensor, class_names: Sequence[str] | None = None) -> MethodOutput:
         """Args: images [B, 3, S, S]; class_names: B names (None -> "object").
         Returns: scores [B], maps [B, S, S] (sum over layers of anomalous probabilities: [0, L] by default)."""
@@ -255,7 +256,8 @@ class AprilGAN(AnomalyMethod):
             )
         config = self.config
         _, _, probabilities = self._layer_probabilities(images, class_names)
-        target = masks.to(probabilities[0].device).bool()
+        target = masks.to(probabilities[0].device)
+        target = target if target.dtype == torch.bool else target > 0.5  # as the other methods' losses
         focal = probabilities[0].new_zeros(())
         dice = probabilities[0].new_zeros(())
         dice_normal = probabilities[0].new_zeros(())

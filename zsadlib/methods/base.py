@@ -177,8 +177,9 @@ class AnomalyMethod(nn.Module):
 
         return load_checkpoint(self, path)
 
-    def describe(self) -> dict[str, Any]:
-        """What metrics.json records about the method."""
+    def describe(self, class_names: Sequence[str] | None = None) -> dict[str, Any]:
+        """What metrics.json records about the method (``class_names``: the evaluated classes, for methods whose
+        record depends on them)."""
         return {"method": self.name, "paper": self.paper, "config": self.config.to_dict(),
                 "backbone": dict(self.backbone.info)}
 

@@ -46,6 +46,7 @@ from ..backbone import Backbone, ImageFeatures
 from ..losses import dice_loss, focal_loss, image_cross_entropy
 from ..prompts.filtering import FILTER_RULES, FilterReport, filter_class_names
 from ..prompts.learned import LearnedPromptConfig, LearnedPromptText, fill_placeholder
+from ..utils import seeded
 from .base import (AnomalyMethod, MethodConfig, MethodError, MethodOutput, check_layers, check_map_settings,
                    check_options, register_method)
 
@@ -217,8 +218,7 @@ class GenCLIP(AnomalyMethod):
         embed_dim, width = backbone.embed_dim, backbone.text_width
         hidden = int(config.mvp_hidden) if config.mvp_hidden else max(1, embed_dim // 2)
         self.mvp_prompts = 2 if config.mvp_per_prompt else 1
-        with torch.random.fork_rng(devices=[]):  # seeded MLP initialisation that leaves the global RNG alone
-            torch.manual_seed(int(config.seed) + 1)
+        with seeded(int(config.seed) + 1):  # seeded MLP initialisation that leaves the global RNGs alone
             self.mvp = nn.ModuleList(
                 VisualPromptMLP(embed_dim, hidden, self.mvp_prompts * width, config.mvp_activation)
                 for _ in self.layers
@@ -474,13 +474,21 @@ class GenCLIP(AnomalyMethod):
         return loss, parts
 
     # -- reporting ---------------------------------------------------------------------------------------------------
-    def describe(self) -> dict[str, Any]:
-        described = super().describe()
+    def describe(self, class_names: Sequence[str] | None = None) -> dict[str, Any]:
+        """With ``class_names`` (e.g. an evaluated dataset's classes) the filter report is computed for exactly those
+        names; without, it lists every name this object has filtered or kept so far."""
+        described = super().describe(class_names)
+        if class_names is not None:
+            _, report = filter_class_names(list(class_names), self.config.name_filter,
+                                           replacement=self.config.filter_replacement)
+            filtered, kept = sorted(report.filtered), sorted(report.kept)
+        else:
+            filtered, kept = sorted(self.filtered_names), sorted(self.kept_names)
         described["name_filter"] = {
             "rule": self.config.name_filter,
             "replacement": self.config.filter_replacement,
-            "filtered": sorted(self.filtered_names),
-            "kept": sorted(self.kept_names),
+            "filtered": filtered,
+            "kept": kept,
         }
         described["our_choices"] = dict(OUR_CHOICES)
         return described

@@ -173,8 +173,10 @@ def encode_prompt_ensemble(
     chosen = get_templates(templates)
     groups = [prompt_ensemble(class_name, normal_states, chosen), prompt_ensemble(class_name, anomalous_states, chosen)]
     prototypes = []
+    device_type = backbone.device.type if hasattr(backbone, "device") else "cpu"
     for prompts in groups:
-        embeddings = backbone.encode_text(prompts).float()
+        with torch.autocast(device_type=device_type, enabled=False):  # cached by callers: never reduced precision
+            embeddings = backbone.encode_text(prompts).float()
         if normalize_each:
             embeddings = F.normalize(embeddings, dim=-1)
         prototypes.append(embeddings.mean(dim=0))
