@@ -326,3 +326,17 @@ def test_unreachable_hub_fails_fast_with_one_line(tmp_path, monkeypatch):
     with pytest.raises(WeightsNotFoundError, match="unreachable") as error:
         load_backbone("ViT-B-16-plus-240", pretrained="laion400m_e31", image_size=240, cache_dir=str(tmp_path))
     assert "\n" not in str(error.value)
+
+
+def test_checksum_of_a_hub_cache_blob_is_its_name(tmp_path):
+    from zsadlib.backbone import _weights_sha256
+    from zsadlib.utils import sha256_file
+
+    content = b"not really weights"
+    digest = __import__("hashlib").sha256(content).hexdigest()
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / digest).write_bytes(content)
+    (tmp_path / "model.bin").symlink_to(tmp_path / "blobs" / digest)
+    assert _weights_sha256(tmp_path / "model.bin") == digest == sha256_file(tmp_path / "model.bin")
+    (tmp_path / "plain.bin").write_bytes(content)
+    assert _weights_sha256(tmp_path / "plain.bin") == digest

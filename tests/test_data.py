@@ -687,3 +687,28 @@ def test_synthetic_default_size_and_ensure(tmp_path):
     with pytest.raises(DatasetError, match="refusing"):
         synthetic.generate(other, progress=False)
     assert synthetic.DEFAULT_ROOT.parts[-2:] == ("data", "synthetic")
+
+
+def test_meta_json_bad_values_name_the_entry(tmp_path):
+    import json
+
+    from zsadlib.data import DatasetError, open_dataset
+
+    (tmp_path / "a.png").write_bytes(b"")
+    for entry, needle in (({"img_path": "a.png", "anomaly": None}, "'anomaly' must be 0 or 1"),
+                          ({"img_path": "a.png", "anomaly": "yes"}, "'anomaly' must be 0 or 1"),
+                          ({"img_path": 5, "anomaly": 0}, "'img_path' must be")):
+        (tmp_path / "meta.json").write_text(json.dumps({"train": {}, "test": {"part": [entry]}}))
+        with pytest.raises(DatasetError, match=needle) as error:
+            open_dataset("meta_json", tmp_path)
+        assert "meta.json" in str(error.value) and "[0]" in str(error.value)
+
+
+def test_ensure_synthetic_can_keep_a_tree_made_with_other_parameters(tmp_path):
+    from zsadlib.data.synthetic import ensure_synthetic
+
+    root = ensure_synthetic(tmp_path / "s", categories=["pill"], image_size=64, n_train_good=0, n_test_good=1,
+                            n_test_defect_per_kind=1, progress=False)
+    marker = (root / "synthetic.json").read_text()
+    assert ensure_synthetic(root, reuse_existing=True, progress=False) == root
+    assert (root / "synthetic.json").read_text() == marker  # kept, not regenerated with the defaults

@@ -94,3 +94,14 @@ def test_image_label_only_dataset_gives_nan_pixel_metrics(winclip_tiny, tmp_path
         result = evaluate(winclip_tiny, dataset, progress=False)
     assert np.isnan(result.metrics["pixel_auroc"] if result.metrics["pixel_auroc"] is not None else np.nan)
     assert result.metrics["image_auroc"] is not None
+
+
+def test_build_method_records_the_backbone_it_was_given_and_falls_back_to_tiny(tiny_backbone):
+    from zsadlib.methods import build_method_or_tiny
+
+    method = build_method("april_gan", backbone=tiny_backbone)  # paper: bicubic_antialias; this backbone: bilinear
+    assert method.config.pos_embed_resize == tiny_backbone.info["pos_embed_resize"] == "bilinear"
+    said = []
+    fallback = build_method_or_tiny("winclip", device="cpu", announce=said.append)  # offline: no laion weights
+    assert fallback.backbone.info["random_weights"] and fallback.backbone.image_size == 238
+    assert len(said) == 1 and "laion400m_e31" in said[0] and "mean nothing" in said[0]

@@ -473,6 +473,14 @@ def _load_weights_file(model: nn.Module, path: Path, name: str) -> None:
     model.load_state_dict(state, strict=True)
 
 
+def _weights_sha256(path: Path) -> str:
+    """SHA-256 of a weights file; Hugging Face cache files are links to blobs named by it, so no re-read there."""
+    real = Path(os.path.realpath(path))
+    if real.parent.name == "blobs" and len(real.name) == 64 and all(c in "0123456789abcdef" for c in real.name):
+        return real.name
+    return sha256_file(path)
+
+
 @contextlib.contextmanager
 def _quiet_root_logger():
     """open_clip logs 'No pretrained weights loaded' on the root logger; we report weights in ``info``."""
@@ -568,7 +576,7 @@ def load_backbone(
         "name": name,
         "pretrained": pretrained,
         "weights_path": str(weights_path) if weights_path else None,
-        "weights_sha256": sha256_file(weights_path) if (weights_path and checksum) else None,
+        "weights_sha256": _weights_sha256(weights_path) if (weights_path and checksum) else None,
         "random_weights": weights_path is None,
         "seed": seed if weights_path is None else None,
         "image_size": image_size,

@@ -161,16 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="CLIP-based zero-shot anomaly detection (zsadlib)")
     parser.set_defaults(debug=False, quiet=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_parser = sub.add_parser
 
-    def add_parser(name, **kwargs):
-        return _add_parser(name, parents=[common], **kwargs)
+    sub.add_parser("methods", parents=[common], help="list the methods").set_defaults(func=_cmd_methods)
 
-    sub.add_parser = add_parser
-
-    sub.add_parser("methods", help="list the methods").set_defaults(func=_cmd_methods)
-
-    data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    data = sub.add_parser("data", parents=[common], help="datasets").add_subparsers(dest="data_command",
+                                                                                    required=True)
     synth = data.add_parser("synth", parents=[common],
                             help="generate the deterministic synthetic dataset (MVTec AD layout)")
     synth.add_argument("--out", default="data/synthetic")
@@ -179,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--defect-scale", type=float, default=1.0, help="defect size multiplier (e.g. 3 for tiny smoke learning)")
     synth.set_defaults(func=_cmd_synth)
 
-    evaluate = sub.add_parser("eval", help="evaluate a method on a dataset")
+    evaluate = sub.add_parser("eval", parents=[common], help="evaluate a method on a dataset")
     _add_model_args(evaluate)
     evaluate.add_argument("--dataset", required=True,
                           help="mvtec | visa | btad | mpdd | dtd_synthetic | meta_json | folder | synthetic")
@@ -192,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.set_defaults(func=_cmd_eval)
 
-    training = sub.add_parser("train", help="learn a method's prompts on an auxiliary dataset (zero-shot protocol)")
+    training = sub.add_parser("train", parents=[common],
+                              help="learn a method's prompts on an auxiliary dataset (zero-shot protocol)")
     _add_model_args(training, with_checkpoint=False, with_batch_size=False)
     training.add_argument("--dataset", required=True, help="auxiliary dataset kind (paper: mvtec; visa for MVTec AD)")
     training.add_argument("--data-root", default=None)
@@ -208,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
     training.set_defaults(func=_cmd_train)
 
-    predict = sub.add_parser("predict", help="heatmaps and scores for your own images")
+    predict = sub.add_parser("predict", parents=[common], help="heatmaps and scores for your own images")
     _add_model_args(predict)
     predict.add_argument("inputs", nargs="+", help="image files and/or folders")
     predict.add_argument("--out", required=True)
@@ -216,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--npy", action="store_true", help="also save each map as .npy")
     predict.set_defaults(func=_cmd_predict)
 
-    demo = sub.add_parser("demo", help="the main job on the synthetic data (make demo)")
+    demo = sub.add_parser("demo", parents=[common], help="the main job on the synthetic data (make demo)")
     demo.add_argument("--out", default="outputs/demo")
     demo.add_argument("--data-root", default="data/synthetic")
     demo.add_argument("--max-per-class", type=int, default=4,

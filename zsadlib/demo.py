@@ -14,27 +14,22 @@ from pathlib import Path
 
 import torch
 
-from .backbone import WeightsNotFoundError
 from .data import ensure_synthetic, open_dataset
 from .evaluate import evaluate, format_table
-from .methods import build_method
+from .methods import build_method, build_method_or_tiny
 from .viz import plot_class_metrics, plot_maps
 
 __all__ = ["run_demo", "DEMO_METHOD", "TINY_IMAGE_SIZE"]
 
 DEMO_METHOD = "winclip"
-TINY_IMAGE_SIZE = 224  # the tiny backbone has patch 14 (WinCLIP's 240 px is for patch 16)
+TINY_IMAGE_SIZE = 238  # the tiny backbone has patch 14: 240 rounded down to a multiple of 14
 
 
 def load_demo_method(force_tiny: bool = False, device: str = "auto", announce=print):
     """The demo's method: paper weights when available, else the tiny backbone (announced in one line)."""
-    if not force_tiny:
-        try:
-            return build_method(DEMO_METHOD, device=device)
-        except WeightsNotFoundError as error:
-            announce(f"default weights unavailable ({error}); running the tiny random-weight backbone instead: "
-                     "the numbers and heatmaps below mean nothing")
-    return build_method(DEMO_METHOD, backbone="tiny", pretrained=None, image_size=TINY_IMAGE_SIZE, device=device)
+    if force_tiny:
+        return build_method(DEMO_METHOD, backbone="tiny", pretrained=None, image_size=TINY_IMAGE_SIZE, device=device)
+    return build_method_or_tiny(DEMO_METHOD, device=device, announce=announce)
 
 
 def run_demo(out_dir: str | Path = "outputs/demo", data_root: str | Path = "data/synthetic", max_per_class: int = 4,

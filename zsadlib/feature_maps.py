@@ -8,9 +8,7 @@ is used: plain deep-layer patch tokens are poorly localised.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -18,10 +16,8 @@ import torch
 from . import ops
 from .backbone import Backbone, WeightsNotFoundError, load_backbone
 from .metrics import compute
-from .utils import json_safe
 
-__all__ = ["load_backbone_or_tiny", "prompt_pair_embeddings", "layer_similarity_maps", "layer_map_metrics",
-           "write_json"]
+__all__ = ["load_backbone_or_tiny", "prompt_pair_embeddings", "layer_similarity_maps", "layer_map_metrics"]
 
 
 def load_backbone_or_tiny(name: str, pretrained: str | None, image_size: int, device: str = "auto",
@@ -47,30 +43,29 @@ def prompt_pair_embeddings(backbone: Backbone, class_name: str = "object",
 @torch.inference_mode()
 def layer_similarity_maps(backbone: Backbone, images: torch.Tensor, class_names: Sequence[str] | None = None,
                           layers: Sequence[int] = (6, 12, 18, 24), dense_from: int | None = None,
-                          dense_attention: str = "vv", temperature: float = 0.07) -> torch.Tensor:
+                          dense_attention: str = "vv", temperature: float = 0.07,
+                          batch_size: int = 8) -> torch.Tensor:
     """Per-layer anomaly maps.
 
     Args:
-        images: [B, 3, S, S] normalised.
+        images: [B, 3, S, S] normalised (any device; run ``batch_size`` at a time on the backbone's device).
         class_names: B names put in the prompts (default "object").
         layers, dense_from, dense_attention: see :meth:`Backbone.forward_features`.
     Returns:
-        [B, L, S, S] maps in [0, 1], one per tapped layer.
+        [B, L, S, S] maps in [0, 1] (on the CPU), one per tapped layer.
     """
-    images = images.to(backbone.device)
     names = list(class_names) if class_names is not None else ["object"] * images.shape[0]
-    features = backbone.forward_features(images, layers=layers, dense_from=dense_from,
-                                         dense_attention=dense_attention)
-    unique = sorted(set(names))
-    text_by_name = {name: prompt_pair_embeddings(backbone, name) for name in unique}
-    text = torch.stack([text_by_name[name] for name in names])  # [B, 2, D]
-    grid = features.grid_size
-    per_layer = []
-    for patches in features.patch_embeddings:
-        probabilities = ops.anomaly_probability(patches, text, temperature=temperature)  # [B, N, 2]
-        per_layer.append(ops.layer_anomaly_map(probabilities, grid))  # [B, h, w]
-    maps = torch.stack(per_layer, dim=1)  # [B, L, h, w]
-    return ops.upsample_maps(maps, tuple(images.shape[-2:]))
+    text_by_name = {name: prompt_pair_embeddings(backbone, name) for name in sorted(set(names))}
+    chunks = []
+    for start in range(0, images.shape[0], batch_size):  # bounded memory whatever the number of images
+        chunk = images[start:start + batch_size].to(backbone.device)
+        features = backbone.forward_features(chunk, layers=layers, dense_from=dense_from,
+                                             dense_attention=dense_attention)
+        text = torch.stack([text_by_name[name] for name in names[start:start + batch_size]])  # [b, 2, D]
+        per_layer = [ops.layer_anomaly_map(ops.anomaly_probability(patches, text, temperature=temperature),
+                                           features.grid_size) for patches in features.patch_embeddings]
+        chunks.append(ops.upsample_maps(torch.stack(per_layer, dim=1), tuple(images.shape[-2:])).cpu())
+    return torch.cat(chunks)
 
 
 def layer_map_metrics(maps: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
@@ -87,13 +82,3 @@ def layer_map_metrics(maps: torch.Tensor, masks: torch.Tensor, labels: torch.Ten
         out[str(layer)] = {key: (None if np.isnan(values[key]) else round(float(values[key]), 6))
                            for key in ("pixel_auroc", "aupro_mvtec", "image_auroc")}
     return out
-
-
-def write_json(path: str | Path, content: dict[str, Any]) -> Path:
-    """Write JSON (NaN -> null), creating the folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    path.write_text(json.dumps(json_safe(content), indent=2))
-    return path
-

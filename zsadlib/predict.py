@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import DatasetError, read_image
+from .data._scan import list_images
 from .data.base import IMAGE_EXTENSIONS
 from .data.transforms import ImageTransform
 from .evaluate import run_method
@@ -28,11 +29,13 @@ __all__ = ["collect_images", "predict_images", "write_predictions", "Prediction"
 
 @dataclass
 class Prediction:
-    """path: the input file; score: image anomaly score; amap: [H, W] float32 map at the file's own size."""
+    """path: the input file; score: image anomaly score; amap: [H, W] float32 map at the file's own size;
+    image: the decoded RGB image (as read, for the overlay)."""
 
     path: Path
     score: float
     amap: np.ndarray
+    image: object = None
 
 
 def collect_images(inputs: Iterable[str | Path]) -> list[Path]:
@@ -44,7 +47,7 @@ def collect_images(inputs: Iterable[str | Path]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            found = list_images(path)  # sorted, hidden files (e.g. macOS ._*) skipped
             if not found:
                 raise DatasetError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in folder {path}")
             paths.extend(found)
@@ -78,7 +81,7 @@ def predict_images(
         output = run_method(method, batch, names, precision=precision)
         for i, path in enumerate(chunk):
             amap = F.interpolate(output.maps[i][None, None], size=sizes[i], mode="bilinear", align_corners=False)
-            yield Prediction(path=path, score=float(output.scores[i]), amap=amap[0, 0].cpu().numpy())
+            yield Prediction(path=path, score=float(output.scores[i]), amap=amap[0, 0].cpu().numpy(), image=images[i])
         bar.update(len(chunk))
     bar.close()
 
@@ -98,7 +101,8 @@ def write_predictions(predictions: Iterable[Prediction], out_dir: str | Path, sa
         if used[stem] > 1:
             stem = f"{stem}_{used[stem]}"
         save_map_png(out / f"{stem}_map.png", prediction.amap)
-        save_overlay(out / f"{stem}_overlay.png", read_image(prediction.path), prediction.amap)
+        image = prediction.image if prediction.image is not None else read_image(prediction.path)
+        save_overlay(out / f"{stem}_overlay.png", image, prediction.amap)
         if save_npy:
             np.save(out / f"{stem}_map.npy", prediction.amap.astype(np.float32))
         rows.append({"path": str(prediction.path), "output_stem": stem, "score": prediction.score,

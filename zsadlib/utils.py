@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["seeded", "resolve_device", "seed_everything", "sha256_file", "package_versions", "json_safe", "state_mismatch"]
+__all__ = ["write_json", "seeded", "resolve_device", "seed_everything", "sha256_file", "package_versions", "json_safe", "state_mismatch"]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -90,3 +90,13 @@ def state_mismatch(expected: dict[str, Any], state: dict[str, Any], limit: int =
             more = f" ... ({len(items)} in all)" if len(items) > limit else ""
             parts.append(f"{label} {items[:limit]}{more}")
     return "; ".join(parts)
+
+
+def write_json(path: str | Path, content: dict[str, Any]) -> Path:
+    """Write ``json_safe(content)`` as indented JSON, creating the folder."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(json_safe(content), indent=2))
+    return path

@@ -13,13 +13,13 @@ from typing import Any, Sequence
 
 import matplotlib
 
-matplotlib.use("Agg", force=False)
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
 
-from .data.transforms import denormalize  # noqa: E402
+from .data.transforms import denormalize
 
 __all__ = ["to_uint8_image", "colorize", "heatmap_overlay", "save_map_png", "save_overlay", "plot_maps",
            "plot_class_metrics", "plot_loss_curves", "ExplorerItem", "ExplorerState", "ExplorerView",
@@ -122,7 +122,6 @@ def plot_maps(images: Sequence[Any], maps: Sequence[Sequence[Any]], column_title
 def plot_class_metrics(table, metrics: Sequence[str] = ("image_auroc", "pixel_auroc", "aupro_mvtec"),
                        title: str = ""):
     """Grouped bar plot (seaborn) of per-class metrics in percent from a metrics table (with a "mean" row)."""
-    import pandas as pd
     import seaborn as sns
 
     present = [m for m in metrics if m in table.columns]
@@ -138,7 +137,6 @@ def plot_class_metrics(table, metrics: Sequence[str] = ("image_auroc", "pixel_au
     ax.set_title(title)
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
-    del pd
     return fig
 
 
@@ -237,7 +235,10 @@ def render_explorer(items: Sequence[ExplorerItem], state: ExplorerState, layers:
     branch = state.branch + (f" (w={state.fusion_weight:.2f})" if state.branch == "fused" else "")
     title = f"{item.class_name} · {Path(item.path).name} · {branch} · {layer_name} · score {score:.3f}"
     top = vmax if vmax is not None else max(float(amap.max()), 1e-6)
-    fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
+    # a bare Figure (not pyplot): the explorer displays it in its Output widget, and the inline backend must not
+    # show it a second time at the end of the cell
+    fig = Figure(figsize=(9, 3.2))
+    axes = fig.subplots(1, 3)
     axes[0].imshow(to_uint8_image(item.image))
     axes[0].set_title("image")
     mask = item.mask if item.mask is not None else torch.zeros(item.image.shape[-2:])
@@ -305,8 +306,6 @@ class Explorer:
         return handler
 
     def render(self) -> ExplorerView:
-        if self.view is not None:
-            plt.close(self.view.figure)
         self.view = render_explorer(self.items, self.state, self.layers, combine=self.combine)
         self.renders += 1
         self.output.clear_output(wait=True)

@@ -125,15 +125,19 @@ def read_meta_json(
             where = f"{mpath} [{split!r}][{key!r}][{n}]"
             if not isinstance(e, dict) or "img_path" not in e or "anomaly" not in e:
                 raise DatasetError(f"{where}: entry needs 'img_path' and 'anomaly', got {e!r}")
-            label = int(e["anomaly"])
-            if label not in (0, 1):
+            if e["anomaly"] not in (0, 1) or isinstance(e["anomaly"], float) and not float(e["anomaly"]).is_integer():
                 raise DatasetError(f"{where}: 'anomaly' must be 0 or 1, got {e['anomaly']!r}")
+            label = int(e["anomaly"])
+            if not isinstance(e["img_path"], str) or not e["img_path"]:
+                raise DatasetError(f"{where}: 'img_path' must be a non-empty path string, got {e['img_path']!r}")
             img = root / e["img_path"]
             if not img.is_file():
                 raise DatasetError(f"image listed in {where} not found: {img}")
             mask: Path | None = None
             if label == 1:
                 mrel = e.get("mask_path") or ""
+                if not isinstance(mrel, str):
+                    raise DatasetError(f"{where}: 'mask_path' must be a path string, got {mrel!r}")
                 if mrel and not (root / mrel).is_dir():
                     mask = root / mrel
                     if not mask.is_file():

@@ -566,13 +566,16 @@ def ensure_synthetic(
     seed: int = 0,
     progress: bool = True,
     defect_scale: float = 1.0,
+    reuse_existing: bool = False,
 ) -> Path:
     """Return ``root`` (default :data:`DEFAULT_ROOT`), generating the dataset first when it is
     missing or was generated with other parameters / an older generator.
 
     Generation goes to a temporary sibling folder that is renamed into place, so an
     interrupted run never leaves a half-written tree and concurrent callers are safe. A
-    non-empty ``root`` that is not a generated tree is never touched (DatasetError).
+    non-empty ``root`` that is not a generated tree is never touched (DatasetError). ``reuse_existing`` keeps any
+    tree made by this generator version whatever its parameters (notebooks and the demo use it, so a tree the user
+    made with ``zsad data synth --size 512`` is not replaced).
     """
     root = Path(root) if root is not None else DEFAULT_ROOT
     cats = list(CATEGORIES) if categories is None else list(categories)
@@ -586,6 +589,12 @@ def ensure_synthetic(
 
     if current() and (root / "meta.json").is_file():
         return root
+    if reuse_existing and (root / "meta.json").is_file():  # any tree of this generator version (e.g. --size 512)
+        try:
+            if json.loads((root / _MARKER).read_text(encoding="utf-8")).get("version") == GENERATOR_VERSION:
+                return root
+        except (OSError, json.JSONDecodeError):
+            pass
     if root.exists() and (not root.is_dir() or any(root.iterdir())) and not (root / _MARKER).is_file():
         raise DatasetError(
             f"refusing to overwrite {root}: not empty and not a generated synthetic dataset"

@@ -33,6 +33,7 @@ __all__ = [
     "list_methods",
     "get_method_class",
     "build_method",
+    "build_method_or_tiny",
     "check_layers",
     "check_map_settings",
     "check_options",
@@ -207,6 +208,36 @@ def get_method_class(name: str) -> type[AnomalyMethod]:
     return _REGISTRY[name]
 
 
+def build_method_or_tiny(
+    name: str,
+    backbone: str | None = None,
+    pretrained: str | None | type(...) = ...,
+    image_size: int | None = None,
+    device: str | torch.device = "auto",
+    allow_tiny: bool = True,
+    announce=print,
+    **overrides: Any,
+) -> AnomalyMethod:
+    """:func:`build_method` with real weights, or, when they are not on this machine and ``allow_tiny``, the same
+    method on the tiny random-weight backbone (announced in one line; every output then says it means nothing).
+
+    The tiny backbone has patch 14: its input size is the requested one rounded down to a multiple of 14.
+    """
+    from ..backbone import TINY_MODEL, WeightsNotFoundError
+
+    try:
+        return build_method(name, backbone=backbone, pretrained=pretrained, image_size=image_size, device=device,
+                            **overrides)
+    except WeightsNotFoundError as error:
+        if not allow_tiny:
+            raise
+        wanted = image_size or get_method_class(name).config_class().image_size
+        size = max(14, wanted - wanted % 14)
+        announce(f"{error}; running {name} on the tiny random-weight backbone at {size}px instead: "
+                 "its outputs mean nothing")
+        return build_method(name, backbone=TINY_MODEL, pretrained=None, image_size=size, device=device, **overrides)
+
+
 def build_method(
     name: str,
     backbone: Backbone | str | None = None,
@@ -242,8 +273,11 @@ def build_method(
     if not isinstance(backbone, Backbone):
         backbone = load_backbone(config.backbone, pretrained=config.pretrained, image_size=config.image_size,
                                  device=device, pos_embed_resize=config.pos_embed_resize)
-    else:
+    else:  # the config records the backbone actually used, including how its positional embedding was resized
+        resize = backbone.info.get("pos_embed_resize", "")
         config = config.replace(backbone=backbone.info["name"], pretrained=backbone.info["pretrained"],
-                                image_size=backbone.image_size)
+                                image_size=backbone.image_size,
+                                pos_embed_resize=resize if resize in ("bilinear", "bicubic_antialias")
+                                else config.pos_embed_resize)
     method = cls(config, backbone)
     return method.to(backbone.device)
