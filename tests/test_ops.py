@@ -198,3 +198,21 @@ def test_topk_mean_matches_sort():
         np.testing.assert_allclose(ops.topk_mean(torch.from_numpy(x), k).numpy(), expected)
     with pytest.raises(ValueError):
         ops.topk_mean(torch.from_numpy(x), 21)
+
+
+def test_layer_maps_fuse_and_pixel_probabilities_match_plain_steps():
+    generator = torch.Generator().manual_seed(3)
+    probs = [torch.softmax(torch.randn(2, 12, 2, generator=generator), dim=-1) for _ in range(3)]
+    maps = ops.layer_maps(probs, (3, 4), (6, 8))
+    for index, p in enumerate(probs):
+        plain = ((p[..., 1] + 1 - p[..., 0]) / 2).reshape(2, 1, 3, 4)
+        expected = torch.nn.functional.interpolate(plain, size=(6, 8), mode="bilinear", align_corners=False)[:, 0]
+        torch.testing.assert_close(maps[:, index], expected)
+    torch.testing.assert_close(ops.fuse_layers(maps, "sum"), maps[:, 0] + maps[:, 1] + maps[:, 2])
+    torch.testing.assert_close(ops.fuse_layers(maps, "mean"), (maps[:, 0] + maps[:, 1] + maps[:, 2]) / 3)
+    with pytest.raises(ValueError):
+        ops.fuse_layers(maps, "max")
+    pixel = ops.pixel_probabilities(probs[0], (3, 4), (6, 8))
+    expected = torch.nn.functional.interpolate(probs[0].permute(0, 2, 1).reshape(2, 2, 3, 4), size=(6, 8),
+                                               mode="bilinear", align_corners=False)
+    torch.testing.assert_close(pixel, expected)

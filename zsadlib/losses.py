@@ -143,3 +143,25 @@ def image_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     if labels.reshape(-1).shape[0] != logits.shape[0]:
         raise ValueError(f"labels {tuple(labels.shape)} do not match logits {tuple(logits.shape)}")
     return F.cross_entropy(logits.float(), labels.reshape(-1).long().to(logits.device))
+
+
+def layer_pixel_losses(pixel_probs: Sequence[torch.Tensor], target: torch.Tensor, gamma: float = 2.0,
+                       smooth: float = 1e-5, dice_on_normal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums over layers of the focal loss and of the dice terms.
+
+    Args:
+        pixel_probs: L tensors [B, 2, H, W] of (normal, anomalous) probabilities at pixel level.
+        target: [B, H, W] bool mask (True = anomalous).
+        dice_on_normal: add dice(p_normal, 1 - mask) to dice(p_anomalous, mask) (AnomalyCLIP; APRIL-GAN does not).
+    Returns:
+        (focal_total, dice_total), scalars.
+    """
+    target_float = target.float()
+    focal_total = target_float.new_zeros(())
+    dice_total = target_float.new_zeros(())
+    for probs in pixel_probs:
+        focal_total = focal_total + focal_loss(probs, target, gamma=gamma, smooth=smooth)
+        dice_total = dice_total + dice_loss(probs[:, 1], target_float)
+        if dice_on_normal:
+            dice_total = dice_total + dice_loss(probs[:, 0], 1.0 - target_float)
+    return focal_total, dice_total

@@ -282,3 +282,30 @@ def topk_mean(x: torch.Tensor, k: int) -> torch.Tensor:
     if not 1 <= int(k) <= x.shape[1]:
         raise ValueError(f"k must be in 1..{x.shape[1]}, got {k}")
     return x.topk(int(k), dim=-1).values.mean(dim=-1)
+
+
+def layer_maps(probabilities: Sequence[torch.Tensor], grid: Sequence[int], size: int | Sequence[int]) -> torch.Tensor:
+    """Per-layer anomaly maps at image size from per-layer patch probabilities.
+
+    Args:
+        probabilities: L tensors [B, N, 2] (softmax over {normal, anomalous}), N = h * w.
+        grid: (h, w); size: output S or (H, W).
+    Returns:
+        [B, L, H, W]: (p_anomalous + 1 - p_normal) / 2 per layer, upsampled bilinearly.
+    """
+    return upsample_maps(torch.stack([layer_anomaly_map(p, grid) for p in probabilities], dim=1), size)
+
+
+def fuse_layers(maps: torch.Tensor, fusion: str = "sum") -> torch.Tensor:
+    """[B, L, H, W] -> [B, H, W]: ``"sum"`` (AnomalyCLIP test.py) or ``"mean"`` over layers."""
+    if fusion == "sum":
+        return maps.sum(dim=1)
+    if fusion == "mean":
+        return maps.mean(dim=1)
+    raise ValueError(f"layer fusion must be 'sum' or 'mean', not {fusion!r}")
+
+
+def pixel_probabilities(probabilities: torch.Tensor, grid: Sequence[int], size: int | Sequence[int]) -> torch.Tensor:
+    """Patch probabilities [B, N, 2] -> [B, 2, H, W] upsampled bilinearly (the reference's similarity map)."""
+    batch = probabilities.shape[0]
+    return upsample_maps(probabilities.transpose(1, 2).reshape(batch, 2, *grid), size)

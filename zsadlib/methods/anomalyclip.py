@@ -43,10 +43,10 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..backbone import Backbone, ImageFeatures
-from ..losses import dice_loss, focal_loss, image_cross_entropy
+from ..losses import image_cross_entropy, layer_pixel_losses
 from ..prompts.learned import ANOMALYCLIP_TEMPLATES, LearnedPromptConfig, LearnedPromptText
 from .base import (AnomalyMethod, MethodConfig, MethodError, MethodOutput, check_layers, check_map_settings,
-                   check_options, register_method)
+                   check_options, mask_targets, register_method)
 
 __all__ = [
     "AnomalyCLIPConfig",
@@ -219,11 +219,8 @@ class AnomalyCLIP(AnomalyMethod):
         text = self.text_features()
         features = self.image_features(images)
         image_probabilities = self.image_logits(features, text).softmax(dim=-1)
-        grid = features.grid_size
-        grid_maps = torch.stack([ops.layer_anomaly_map(probs, grid)
-                                 for probs in self.layer_probabilities(features, text)], dim=1)  # [B, L, h, w]
-        layer_maps = ops.upsample_maps(grid_maps, size)  # [B, L, S, S]
-        maps = layer_maps.sum(dim=1) if config.layer_fusion == "sum" else layer_maps.mean(dim=1)
+        layer_maps = ops.layer_maps(self.layer_probabilities(features, text), features.grid_size, size)  # [B,L,S,S]
+        maps = ops.fuse_layers(layer_maps, config.layer_fusion)
         if config.blur_sigma > 0:
             maps = ops.gaussian_blur(maps, config.blur_sigma)
         return MethodOutput(
@@ -254,24 +251,10 @@ class AnomalyCLIP(AnomalyMethod):
         parts = {"image_ce": float(image_ce.detach())}
         if masks is None:
             return loss, parts
-        size = tuple(images.shape[-2:])
-        masks = masks.to(self.backbone.device)
-        if masks.ndim == 4 and masks.shape[1] == 1:
-            masks = masks[:, 0]
-        if tuple(masks.shape) != (images.shape[0], *size):
-            raise MethodError(f"masks must be [B, {size[0]}, {size[1]}], got {tuple(masks.shape)}")
-        target = masks > 0.5 if masks.is_floating_point() else masks.bool()
-        target_float = target.float()
-        grid = features.grid_size
-        focal_total = torch.zeros((), device=self.backbone.device)
-        dice_total = torch.zeros((), device=self.backbone.device)
-        for probs in self.layer_probabilities(features, text):
-            batch = probs.shape[0]
-            grid_probs = probs.transpose(1, 2).reshape(batch, 2, *grid)  # [B, 2, h, w]
-            pixel_probs = ops.upsample_maps(grid_probs, size)  # [B, 2, S, S] as the reference's similarity map
-            focal_total = focal_total + focal_loss(pixel_probs, target, gamma=config.focal_gamma)
-            dice_total = dice_total + dice_loss(pixel_probs[:, 1], target_float)
-            dice_total = dice_total + dice_loss(pixel_probs[:, 0], 1.0 - target_float)
+        target = mask_targets(masks, images, self.backbone.device)
+        size, grid = tuple(images.shape[-2:]), features.grid_size
+        pixel_probs = [ops.pixel_probabilities(p, grid, size) for p in self.layer_probabilities(features, text)]
+        focal_total, dice_total = layer_pixel_losses(pixel_probs, target, gamma=config.focal_gamma)
         loss = loss + config.pixel_loss_weight * (focal_total + dice_total)
         parts.update({"focal": float(focal_total.detach()), "dice": float(dice_total.detach())})
         return loss, parts

@@ -39,11 +39,11 @@ from torch import nn
 
 from .. import ops
 from ..backbone import Backbone
-from ..losses import dice_loss, focal_loss
+from ..losses import dice_loss, layer_pixel_losses
 from ..prompts.handcrafted import ANOMALOUS_STATES, NORMAL_STATES, TEMPLATE_SETS, encode_prompt_ensemble
 from ..utils import seeded
 from .base import (AnomalyMethod, MethodConfig, MethodError, MethodOutput, check_layers, check_map_settings,
-                   check_options, register_method)
+                   check_options, mask_targets, register_method)
 
 __all__ = [
     "AprilGANConfig",
@@ -256,19 +256,14 @@ class AprilGAN(AnomalyMethod):
             )
         config = self.config
         _, _, probabilities = self._layer_probabilities(images, class_names)
-        target = masks.to(probabilities[0].device)
-        target = target if target.dtype == torch.bool else target > 0.5  # as the other methods' losses
-        focal = probabilities[0].new_zeros(())
-        dice = probabilities[0].new_zeros(())
-        dice_normal = probabilities[0].new_zeros(())
-        for probs in probabilities:
-            probs = probs.float()
-            focal = focal + focal_loss(probs, target.long(), gamma=config.focal_gamma, smooth=config.focal_smooth)
-            dice = dice + dice_loss(probs[:, 1], target.float())
-            if config.dice_on_normal:
-                dice_normal = dice_normal + dice_loss(probs[:, 0], (~target).float())
-        loss = focal + dice + dice_normal
+        target = mask_targets(masks, images, probabilities[0].device)
+        probabilities = [p.float() for p in probabilities]
+        focal, dice = layer_pixel_losses(probabilities, target, gamma=config.focal_gamma, smooth=config.focal_smooth,
+                                         dice_on_normal=False)
         parts = {"focal": float(focal.detach()), "dice": float(dice.detach())}
-        if config.dice_on_normal:
+        loss = focal + dice
+        if config.dice_on_normal:  # our option, reported apart (the released code has no normal-map dice)
+            dice_normal = sum(dice_loss(p[:, 0], (~target).float()) for p in probabilities)
             parts["dice_normal"] = float(dice_normal.detach())
+            loss = loss + dice_normal
         return loss, parts

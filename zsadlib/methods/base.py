@@ -37,6 +37,7 @@ __all__ = [
     "check_layers",
     "check_map_settings",
     "check_options",
+    "mask_targets",
 ]
 
 
@@ -102,6 +103,18 @@ def check_map_settings(config: MethodConfig) -> None:
         raise MethodError(f"temperature must be > 0, got {config.temperature}")
     if getattr(config, "blur_sigma", 0.0) < 0:
         raise MethodError(f"blur_sigma must be >= 0, got {config.blur_sigma}")
+
+
+def mask_targets(masks: torch.Tensor, images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Training masks ([B, S, S] or [B, 1, S, S]; bool, or float with > 0.5 anomalous) -> bool [B, S, S] on
+    ``device``, checked against the images' size."""
+    size = tuple(images.shape[-2:])
+    masks = masks.to(device)
+    if masks.ndim == 4 and masks.shape[1] == 1:
+        masks = masks[:, 0]
+    if tuple(masks.shape) != (images.shape[0], *size):
+        raise MethodError(f"masks must be [B, {size[0]}, {size[1]}], got {tuple(masks.shape)}")
+    return masks > 0.5 if masks.is_floating_point() else masks.bool()
 
 
 @dataclass

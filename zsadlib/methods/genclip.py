@@ -43,12 +43,12 @@ from torch import nn
 
 from .. import ops
 from ..backbone import Backbone, ImageFeatures
-from ..losses import dice_loss, focal_loss, image_cross_entropy
+from ..losses import image_cross_entropy, layer_pixel_losses
 from ..prompts.filtering import FILTER_RULES, FilterReport, filter_class_names
 from ..prompts.learned import LearnedPromptConfig, LearnedPromptText, fill_placeholder
 from ..utils import seeded
 from .base import (AnomalyMethod, MethodConfig, MethodError, MethodOutput, check_layers, check_map_settings,
-                   check_options, register_method)
+                   check_options, mask_targets, register_method)
 
 __all__ = [
     "GenCLIPConfig",
@@ -384,15 +384,10 @@ class GenCLIP(AnomalyMethod):
         size = tuple(images.shape[-2:])
         out = self._branches(images, class_names)
         grid = out.features.grid_size
-
-        def layer_maps(probs: list[torch.Tensor]) -> torch.Tensor:
-            grid_maps = torch.stack([ops.layer_anomaly_map(p, grid) for p in probs], dim=1)  # [B, L, h, w]
-            return ops.upsample_maps(grid_maps, size)  # [B, L, S, S]
-
-        enhanced_layers = layer_maps(out.probs_enhanced)
-        query_layers = layer_maps(out.probs_query)
-        reduce = (lambda m: m.sum(dim=1)) if config.layer_fusion == "sum" else (lambda m: m.mean(dim=1))
-        both = torch.stack([reduce(enhanced_layers), reduce(query_layers)], dim=1)  # [B, 2, S, S]
+        enhanced_layers = ops.layer_maps(out.probs_enhanced, grid, size)  # [B, L, S, S]
+        query_layers = ops.layer_maps(out.probs_query, grid, size)
+        both = torch.stack([ops.fuse_layers(enhanced_layers, config.layer_fusion),
+                            ops.fuse_layers(query_layers, config.layer_fusion)], dim=1)  # [B, 2, S, S]
         if config.blur_sigma > 0:
             both = ops.gaussian_blur(both, config.blur_sigma)
         enhanced_maps, query_maps = both[:, 0], both[:, 1]
@@ -420,17 +415,8 @@ class GenCLIP(AnomalyMethod):
     # -- training ----------------------------------------------------------------------------------------------------
     def _pixel_loss(self, probs: list[torch.Tensor], grid, size, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Sum over layers of focal and of both dice terms, on the upsampled 2-channel probabilities."""
-        target_float = target.float()
-        focal_total = target_float.new_zeros(())
-        dice_total = target_float.new_zeros(())
-        for layer_probs in probs:
-            batch = layer_probs.shape[0]
-            grid_probs = layer_probs.transpose(1, 2).reshape(batch, 2, *grid)  # [B, 2, h, w]
-            pixel_probs = ops.upsample_maps(grid_probs, size)  # [B, 2, S, S]
-            focal_total = focal_total + focal_loss(pixel_probs, target, gamma=self.config.focal_gamma)
-            dice_total = dice_total + dice_loss(pixel_probs[:, 1], target_float)
-            dice_total = dice_total + dice_loss(pixel_probs[:, 0], 1.0 - target_float)
-        return focal_total, dice_total
+        pixel_probs = [ops.pixel_probabilities(p, grid, size) for p in probs]
+        return layer_pixel_losses(pixel_probs, target, gamma=self.config.focal_gamma)
 
     def training_loss(self, images: torch.Tensor, masks: torch.Tensor | None, labels: torch.Tensor,
                       class_names: Sequence[str] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -457,12 +443,7 @@ class GenCLIP(AnomalyMethod):
             branch_losses[branch] = config.image_loss_weight * ce
         if masks is not None:
             size = tuple(images.shape[-2:])
-            masks = masks.to(device)
-            if masks.ndim == 4 and masks.shape[1] == 1:
-                masks = masks[:, 0]
-            if tuple(masks.shape) != (images.shape[0], *size):
-                raise MethodError(f"masks must be [B, {size[0]}, {size[1]}], got {tuple(masks.shape)}")
-            target = masks > 0.5 if masks.is_floating_point() else masks.bool()
+            target = mask_targets(masks, images, device)
             grid = out.features.grid_size
             for branch, probs in (("enhanced", out.probs_enhanced), ("query", out.probs_query)):
                 focal_total, dice_total = self._pixel_loss(probs, grid, size, target)
