@@ -155,7 +155,6 @@ class AprilGAN(AnomalyMethod):
                 for _ in self.layers
             )
         self.adapters.to(device=backbone.device)
-        self._text_cache: dict[str, torch.Tensor] = {}
 
     @staticmethod
     def _validate(config: AprilGANConfig, backbone: Backbone) -> None:
@@ -173,18 +172,9 @@ class AprilGAN(AnomalyMethod):
         config = self.config
         templates = APRIL_GAN_TEMPLATES if config.templates == "april_gan" else config.templates
         anomalous = APRIL_GAN_ANOMALOUS_STATES if config.anomalous_states == "april_gan" else ANOMALOUS_STATES
-        rows = []
-        for name in class_names:
-            if name not in self._text_cache:
-                self._text_cache[name] = encode_prompt_ensemble(
-                    self.backbone, name, templates=templates, normalize_each=config.normalize_prompt_embeddings,
-                    normal_states=APRIL_GAN_NORMAL_STATES, anomalous_states=anomalous,
-                ).float()
-            rows.append(self._text_cache[name].to(self.backbone.device))
-        return torch.stack(rows)
-
-    def clear_text_cache(self) -> None:
-        self._text_cache.clear()
+        return self.cached_class_text(class_names, lambda name: encode_prompt_ensemble(
+            self.backbone, name, templates=templates, normalize_each=config.normalize_prompt_embeddings,
+            normal_states=APRIL_GAN_NORMAL_STATES, anomalous_states=anomalous))
 
     # -- shared computation ------------------------------------------------------------------------------------
     def _adapted_patches(self, layer_tokens: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -140,6 +140,7 @@ class AnomalyMethod(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = backbone
+        self._text_cache: dict[str, torch.Tensor] = {}  # class name -> [2, D] (see cached_class_text)
 
     def forward(self, images: torch.Tensor, class_names: Sequence[str] | None = None) -> MethodOutput:
         raise NotImplementedError
@@ -152,6 +153,19 @@ class AnomalyMethod(nn.Module):
         if len(class_names) != batch:
             raise MethodError(f"got {len(class_names)} class names for a batch of {batch} images")
         return [str(name) for name in class_names]
+
+    # -- per-class text (handcrafted prompt ensembles), encoded once per class name --------------------------
+    def cached_class_text(self, class_names: Sequence[str], encode: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        """[B, 2, D]: ``encode(name)`` ([2, D]) for each image's class name, each name encoded once per method."""
+        rows = []
+        for name in class_names:
+            if name not in self._text_cache:
+                self._text_cache[name] = encode(name)
+            rows.append(self._text_cache[name].to(self.backbone.device))
+        return torch.stack(rows)
+
+    def clear_text_cache(self) -> None:
+        self._text_cache.clear()
 
     # -- learned parameters (prompt-learning methods) -------------------------------------------------------
     def learned_parameters(self) -> dict[str, nn.Parameter]:

@@ -182,7 +182,6 @@ class WinCLIP(AnomalyMethod):
         for scale in self.scales:
             windows = ops.sliding_windows(backbone.grid_size, scale, config.window_stride)
             self.register_buffer(f"windows_{scale}", windows, persistent=False)
-        self._text_cache: dict[str, torch.Tensor] = {}
 
     @staticmethod
     def _validate(config: WinCLIPConfig, backbone: Backbone) -> None:
@@ -207,18 +206,9 @@ class WinCLIP(AnomalyMethod):
     # -- text ------------------------------------------------------------------------------------------------
     def text_features(self, class_names: Sequence[str]) -> torch.Tensor:
         """[B, 2, D] ensemble prototypes (normal, anomalous) per image; each class name is encoded once."""
-        rows = []
-        for name in class_names:
-            if name not in self._text_cache:
-                self._text_cache[name] = encode_prompt_ensemble(
-                    self.backbone, name, templates=self.config.templates,
-                    normalize_each=self.config.normalize_prompt_embeddings,
-                )
-            rows.append(self._text_cache[name].to(self.backbone.device))
-        return torch.stack(rows)
-
-    def clear_text_cache(self) -> None:
-        self._text_cache.clear()
+        return self.cached_class_text(class_names, lambda name: encode_prompt_ensemble(
+            self.backbone, name, templates=self.config.templates,
+            normalize_each=self.config.normalize_prompt_embeddings))
 
     # -- forward ---------------------------------------------------------------------------------------------
     @torch.no_grad()
