@@ -90,6 +90,8 @@ class ImageFeatures:
         layers: the tapped layers (1-based).
         grid_size: (grid_h, grid_w).
         dense_from: first dense layer (1-based) or None.
+        block_inputs: with ``return_block_inputs``, one [B, 1 + N, W] per tapped layer: the ORIGINAL path's input
+            of that block (what its ``ln_1`` reads; Crane's D-Attn takes its value tokens from there), else None.
     """
 
     global_embedding: torch.Tensor
@@ -98,6 +100,7 @@ class ImageFeatures:
     layers: tuple[int, ...]
     grid_size: tuple[int, int]
     dense_from: int | None = None
+    block_inputs: list[torch.Tensor] | None = None
 
 
 def list_backbones() -> list[str]:
@@ -255,6 +258,7 @@ class Backbone(nn.Module):
         dense_from: int | None = None,
         dense_attention: DenseAttention = "vv",
         global_ln_post: bool = True,
+        return_block_inputs: bool = False,
     ) -> ImageFeatures:
         """Multi-layer patch features.
 
@@ -266,6 +270,7 @@ class Backbone(nn.Module):
             dense_attention: ``"vv"`` (V-V attention) or ``"qkv_sum"`` (Crane's E-Attn).
             global_ln_post: apply ``ln_post`` to the global token (open_clip does; AnomalyCLIP and
                 ViP2-CLIP's code does not).
+            return_block_inputs: also return the original path's input of each tapped block (``block_inputs``).
         Returns:
             :class:`ImageFeatures`; with ``dense_from=None`` and ``global_ln_post=True`` the global embedding
             equals ``encode_image(images)``.
@@ -287,7 +292,10 @@ class Backbone(nn.Module):
         x = visual._embeds(images.to(self.dtype))  # [B, 1+N, W]
         refined: torch.Tensor | None = None
         taps: dict[int, torch.Tensor] = {}
+        inputs: dict[int, torch.Tensor] = {}
         for index, block in enumerate(visual.transformer.resblocks, start=1):
+            if return_block_inputs and index in layers:
+                inputs[index] = x
             if dense_from is not None and index >= dense_from:
                 base = x if refined is None else refined
                 refined = base + block.ls_1(_refined_attention(block, x, dense_attention))
@@ -307,6 +315,7 @@ class Backbone(nn.Module):
             layers=layers,
             grid_size=self.grid_size,
             dense_from=dense_from,
+            block_inputs=[inputs[layer] for layer in layers] if return_block_inputs else None,
         )
 
     def forward(self, images: torch.Tensor, **kwargs) -> ImageFeatures:  # noqa: D401 - nn.Module protocol

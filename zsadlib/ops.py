@@ -110,21 +110,25 @@ def layer_anomaly_map(probs: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------
 # post-processing
 # ---------------------------------------------------------------------------------------------------------
-def upsample_maps(maps: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor:
+def upsample_maps(maps: torch.Tensor, size: int | Sequence[int], mode: str = "bilinear") -> torch.Tensor:
     """Bilinear resize (``align_corners=False``, no antialias), as the reference code does.
 
     Args:
         maps: [B, h, w] or [B, L, h, w].
         size: output S or (H, W).
+        mode: ``"bilinear"`` (default) or ``"nearest"`` (Crane's training maps, ``train.py --interpolation``).
     Returns:
         [B, H, W] or [B, L, H, W] (same dtype as ``maps``; computed in float32 at least).
     """
     size = _as_size(size)
     if maps.ndim not in (3, 4):
         raise ValueError(f"maps must be [B, h, w] or [B, L, h, w], got {tuple(maps.shape)}")
+    if mode not in ("bilinear", "nearest"):
+        raise ValueError(f"upsampling mode must be 'bilinear' or 'nearest', not {mode!r}")
     work = maps if maps.dtype in (torch.float32, torch.float64) else maps.float()
     x = work.unsqueeze(1) if maps.ndim == 3 else work
-    out = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    out = (F.interpolate(x, size=size, mode="bilinear", align_corners=False) if mode == "bilinear"
+           else F.interpolate(x, size=size, mode="nearest"))
     out = out.squeeze(1) if maps.ndim == 3 else out
     return out.to(maps.dtype) if maps.is_floating_point() else out
 
@@ -305,7 +309,9 @@ def fuse_layers(maps: torch.Tensor, fusion: str = "sum") -> torch.Tensor:
     raise ValueError(f"layer fusion must be 'sum' or 'mean', not {fusion!r}")
 
 
-def pixel_probabilities(probabilities: torch.Tensor, grid: Sequence[int], size: int | Sequence[int]) -> torch.Tensor:
-    """Patch probabilities [B, N, 2] -> [B, 2, H, W] upsampled bilinearly (the reference's similarity map)."""
+def pixel_probabilities(probabilities: torch.Tensor, grid: Sequence[int], size: int | Sequence[int],
+                        mode: str = "bilinear") -> torch.Tensor:
+    """Patch probabilities [B, N, 2] -> [B, 2, H, W] upsampled (bilinear, or ``"nearest"``): the reference's
+    similarity map."""
     batch = probabilities.shape[0]
-    return upsample_maps(probabilities.transpose(1, 2).reshape(batch, 2, *grid), size)
+    return upsample_maps(probabilities.transpose(1, 2).reshape(batch, 2, *grid), size, mode)

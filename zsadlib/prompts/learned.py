@@ -271,21 +271,56 @@ class LearnedPromptText(nn.Module):
             return projection(pooled)
         return pooled @ projection
 
-    def forward(self, context_shift: torch.Tensor | None = None) -> torch.Tensor:
+    def insert_context_tokens(self, embeddings: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Insert per-sample tokens right after each prompt's learned context (Crane's context guidance,
+        ``pad_suffix``): the rest of the sequence moves right by k and its last k positions are dropped, so the
+        length stays 77 and the end-of-text token moves by k.
+
+        Args:
+            embeddings: [P, 77, W] (from :meth:`prompt_embeddings`, learned context in place).
+            tokens: [B, k, W] tokens per sample (e.g. the normalised global image embedding, k = 1).
+        Returns:
+            (embeddings [B, P, 77, W], token_ids [B, P, 77]) with the matching shifted token ids.
+        """
+        if tokens.ndim != 3 or tokens.shape[-1] != embeddings.shape[-1]:
+            raise PromptError(f"context tokens must be [B, k, {embeddings.shape[-1]}], got {tuple(tokens.shape)}")
+        batch, count = tokens.shape[:2]
+        length = embeddings.shape[1]
+        tokens = tokens.to(device=embeddings.device, dtype=embeddings.dtype)
+        rows, ids = [], []
+        for prompt in range(self.num_prompts):
+            end = int(self.context_positions[prompt, -1]) + 1
+            if int(self.token_ids[prompt].argmax()) + count >= length:
+                raise PromptError(f"no room for {count} context tokens in prompt {self.prompt_texts[prompt]!r}")
+            sequence = embeddings[prompt][None].expand(batch, -1, -1)
+            rows.append(torch.cat([sequence[:, :end], tokens, sequence[:, end:length - count]], dim=1))
+            token_ids = self.token_ids[prompt]
+            ids.append(torch.cat([token_ids[:end], token_ids[end].repeat(count), token_ids[end:length - count]]))
+        return torch.stack(rows, dim=1), torch.stack(ids)[None].expand(batch, -1, -1)
+
+    def forward(self, context_shift: torch.Tensor | None = None,
+                context_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Text embeddings of the prompts.
 
         Args:
             context_shift: optional per-sample additive term on the context, [B, n_ctx | 1, W] or
                 [B, P, n_ctx | 1, W].
+            context_tokens: optional per-sample tokens [B, k, W] inserted after the learned context
+                (:meth:`insert_context_tokens`); not combinable with ``context_shift``.
         Returns:
-            [P, D] (no shift) or [B, P, D]; not normalised.
+            [P, D] (neither) or [B, P, D]; not normalised.
         """
-        embeddings = self.prompt_embeddings(context_shift)
-        if context_shift is None:
-            return self.encode(embeddings, self.token_ids)
+        if context_tokens is not None:
+            if context_shift is not None:
+                raise PromptError("pass context_shift or context_tokens, not both")
+            embeddings, token_ids = self.insert_context_tokens(self.prompt_embeddings(), context_tokens)
+        else:
+            embeddings = self.prompt_embeddings(context_shift)
+            if context_shift is None:
+                return self.encode(embeddings, self.token_ids)
+            token_ids = self.token_ids[None].expand(embeddings.shape[0], -1, -1)
         batch, prompts, length, width = embeddings.shape
-        token_ids = self.token_ids[None].expand(batch, -1, -1).reshape(batch * prompts, length)
-        encoded = self.encode(embeddings.reshape(batch * prompts, length, width), token_ids)
+        encoded = self.encode(embeddings.reshape(batch * prompts, length, width), token_ids.reshape(-1, length))
         return encoded.reshape(batch, prompts, -1)
 
     def extra_repr(self) -> str:
