@@ -16,7 +16,7 @@ if str(REPO_ROOT) not in sys.path:
 from tests.reference import (REF_IMAGE_SIZE, REF_MODEL, REF_NATIVE_SIZE, REF_SEED,  # noqa: E402
                              reference_images, reference_state_dict, save_fixture)
 
-__all__ = ["use_checkout", "checkout_commit", "write", "reference_images", "reference_state_dict", "to_numpy",
+__all__ = ["use_checkout", "checkout_commit", "write", "stub_modules", "shim_pkg_resources", "reference_images", "reference_state_dict", "to_numpy",
            "REF_IMAGE_SIZE", "REF_NATIVE_SIZE", "REF_MODEL", "REF_SEED"]
 
 
@@ -62,3 +62,43 @@ def write(name: str, arrays: dict, checkout: Path, repository: str, expected_com
     }
     path = save_fixture(name, {key: to_numpy(value) for key, value in arrays.items()}, meta)
     print(f"wrote {path.relative_to(REPO_ROOT)} ({path.stat().st_size / 1024:.0f} KiB): {sorted(arrays)}")
+
+
+def stub_modules(*names: str) -> None:
+    """Register empty stand-ins for modules the reference imports but the fixture path never uses (cv2,
+    torchmetrics, ...), so that no extra package is needed to import their test/train scripts. A stand-in's
+    attributes are placeholders that fail if anything calls them."""
+    import types
+
+    def _missing(module_name):
+        def fail(*args, **kwargs):
+            raise RuntimeError(f"{module_name} is a stand-in here: the fixture path must not use it")
+        return fail
+
+    for name in names:
+        if name in sys.modules:
+            continue
+        try:
+            __import__(name)
+            continue
+        except ImportError:
+            pass
+        module = types.ModuleType(name)
+        module.__getattr__ = lambda attribute, _n=name: _missing(f"{_n}.{attribute}")  # type: ignore[attr-defined]
+        sys.modules[name] = module
+
+
+def shim_pkg_resources() -> None:
+    """The reference code does ``from pkg_resources import packaging`` (for a torch version check); current
+    setuptools no longer ships pkg_resources, so give it a module holding the real ``packaging``."""
+    import types
+
+    try:
+        import pkg_resources  # noqa: F401
+        return
+    except ImportError:
+        import packaging.version
+
+        module = types.ModuleType("pkg_resources")
+        module.packaging = packaging  # type: ignore[attr-defined]
+        sys.modules["pkg_resources"] = module
