@@ -19,10 +19,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m tools.reference_fixtures", description=__doc__.splitlines()[0])
     parser.add_argument("method", choices=methods)
     parser.add_argument("--ref", required=True, help="path to a checkout of the method's reference repository")
+    parser.add_argument("--dinov2", help="crane: a checkout of facebookresearch/dinov2 (writes the Crane+ fixtures)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     module = importlib.import_module(f"tools.reference_fixtures.{args.method}")
-    module.main(args.ref)
+    extra = {"dinov2": args.dinov2} if args.dinov2 else {}
+    module.main(args.ref, **extra)
 
 
 if __name__ == "__main__":
