@@ -19,9 +19,11 @@ AnomalyCLIP (``AnomalyCLIP_lib/AnomalyCLIP.py``, ``ResidualAttentionBlock_learna
 deep prompts at the inputs of text blocks 2..9 (block 1 sees only the token embeddings with the learned
 context), 4 tokens each. Its released code casts the deep tokens with ``.half()`` before concatenating them with
 the float32 sequence (on any device; ``torch.cat`` promotes back to float32), so the deep prompts are used
-rounded to float16. ``.half()`` is an ordinary differentiable cast (its backward casts the gradient back to
-float32 unchanged), so training still updates the float32 parameters; ``deep_prompt_fp16_round=True``
-reproduces exactly that (``p.half().to(dtype)``), ``False`` uses the float32 values.
+rounded to float16. The casts are differentiable, but not transparent: the gradient reaching the float16 copy
+is itself rounded to float16 (autograd casts a gradient to its input's dtype), once per prompt, because the
+reference expands the tokens over the prompts *before* ``.half()``; the per-prompt gradients are then summed in
+float32. ``deep_prompt_fp16_round=True`` reproduces exactly that (expand, ``.half()``, back to float32, in that
+order), ``False`` uses the float32 values.
 
 Extension point for visually conditioned prompts (GenCLIP's MVP, ViP2-CLIP): ``forward(context_shift=...)``
 adds a per-sample term to the learned context and encodes all prompts x samples in one text-encoder call.
@@ -187,15 +189,18 @@ class LearnedPromptText(nn.Module):
     def num_prompts(self) -> int:
         return len(self.templates)
 
-    def deep_prompt(self, layer: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def deep_prompt(self, layer: int, dtype: torch.dtype | None = None, count: int | None = None) -> torch.Tensor:
         """The [n_deep, W] tokens used at the input of text block ``layer`` (1-based), as the encoder uses them
-        (rounded to float16 and cast back when ``deep_prompt_fp16_round``)."""
+        (rounded to float16 and cast back when ``deep_prompt_fp16_round``); ``count``: expanded to
+        [count, n_deep, W] first, so that (as in the reference) each copy's gradient is rounded to float16."""
         if layer not in self.deep_layers:
             raise PromptError(f"text layer {layer} has no deep prompt (deep_layers={self.deep_layers})")
         tokens = self.deep_prompts[self.deep_layers.index(layer)]
         dtype = dtype or tokens.dtype
+        if count is not None:
+            tokens = tokens.expand(count, -1, -1)
         if self.config.deep_prompt_fp16_round:
-            # differentiable: the backward of each cast passes the gradient through, cast to the source dtype
+            # differentiable; each cast's backward casts the gradient to its input's dtype (float16 here)
             return tokens.half().to(dtype)
         return tokens.to(dtype)
 
@@ -250,7 +255,7 @@ class LearnedPromptText(nn.Module):
         count = x.shape[0]
         for index, block in enumerate(transformer.resblocks, start=1):
             if index in self.deep_layers:
-                deep = self.deep_prompt(index, x.dtype).expand(count, -1, -1)
+                deep = self.deep_prompt(index, x.dtype, count=count)
                 x = torch.cat([x[:, :1], deep, x[:, 1 + self.n_deep:]], dim=1)  # replace, never append
             if batch_first:
                 x = block(x, attn_mask=attn_mask)
