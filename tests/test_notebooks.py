@@ -2,6 +2,9 @@
 
 Each run's metrics.json is compared with tests/notebooks/expected/<name>.json (numeric leaves, explicit
 tolerances). ``pytest --regen-notebook-expected`` rewrites those files from the current run.
+
+A notebook may have several smoke runs: keys ``"<notebook>@<variant>"`` in smoke_params.json (e.g.
+``"02_prompt_learning@crane"``) run the same notebook with other parameters.
 """
 import ast
 import json
@@ -17,6 +20,11 @@ HARNESS = Path(__file__).parent / "notebooks"
 SMOKE = json.loads((HARNESS / "smoke_params.json").read_text())
 # leaves that legitimately change between runs or machines (paths, timings, versions)
 IGNORED_KEYS = ("weights_path", "root", "seconds", "versions", "device", "output_dir")
+
+
+def notebook_of(run: str) -> Path:
+    """The notebook a smoke run executes: ``"02_prompt_learning@crane"`` -> notebooks/02_prompt_learning.ipynb."""
+    return ROOT / "notebooks" / f"{run.split('@')[0]}.ipynb"
 
 
 def parameter_names(notebook_path: Path) -> set[str]:
@@ -51,7 +59,9 @@ def comparable(metrics: dict) -> dict:
 
 def test_every_notebook_has_smoke_parameters_and_no_stored_outputs():
     assert NOTEBOOKS, "no notebooks found"
-    assert sorted(SMOKE) == sorted(p.stem for p in NOTEBOOKS), "each notebook needs smoke parameters (none skipped)"
+    assert {run.split("@")[0] for run in SMOKE} == {p.stem for p in NOTEBOOKS}, \
+        "each notebook needs smoke parameters (none skipped)"
+    assert all(notebook_of(run).exists() for run in SMOKE), "a smoke run names a notebook that does not exist"
     for path in NOTEBOOKS:
         notebook = nbformat.read(path, as_version=4)
         for cell in notebook.cells:
@@ -64,7 +74,7 @@ def test_every_notebook_has_smoke_parameters_and_no_stored_outputs():
 
 @pytest.mark.parametrize("name", sorted(SMOKE))
 def test_smoke_parameters_are_known(name):
-    unknown = set(SMOKE[name]) - parameter_names(ROOT / "notebooks" / f"{name}.ipynb")
+    unknown = set(SMOKE[name]) - parameter_names(notebook_of(name))
     assert not unknown, f"{name}: unknown parameters {sorted(unknown)}"
 
 
@@ -73,7 +83,7 @@ def test_smoke_parameters_are_known(name):
 def test_notebook_runs_and_matches_expected(name, tmp_path, synthetic_root, request):
     import papermill
 
-    notebook = ROOT / "notebooks" / f"{name}.ipynb"
+    notebook = notebook_of(name)
     unknown = set(SMOKE[name]) - parameter_names(notebook)
     assert not unknown, f"{name}: unknown parameters {sorted(unknown)}"
     output_dir = tmp_path / "out"
@@ -81,7 +91,7 @@ def test_notebook_runs_and_matches_expected(name, tmp_path, synthetic_root, requ
     roots = {key: str(synthetic_root) for key in parameter_names(notebook) if key.endswith("root")}
     parameters = dict(SMOKE[name], output_dir=str(output_dir), **roots)
     assert set(parameters) <= parameter_names(notebook)
-    papermill.execute_notebook(str(notebook), str(tmp_path / f"{name}.out.ipynb"), parameters=parameters,
+    papermill.execute_notebook(str(notebook), str(tmp_path / f"{notebook.stem}.out.ipynb"), parameters=parameters,
                                kernel_name="python3", cwd=str(notebook.parent), progress_bar=False)
     metrics = json.loads((output_dir / "metrics.json").read_text())
     assert metrics["backbone"]["random_weights"] is True and "mean nothing" in metrics["note"]
