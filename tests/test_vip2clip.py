@@ -32,7 +32,8 @@ def _masks(batch=3):
 
 def _learned_count(n_ctx, n_cls, d, w, hidden, fgp_modules):
     """The ICA + FGP parameter count: contexts, class tokens, MetaNet bias and MLPs, FGP's 4 projections."""
-    return 2 * n_ctx * w + n_cls * w + d + n_cls * (d * hidden + hidden + hidden * w + w) + fgp_modules * 4 * (d * d + d)
+    metanet = d + n_cls * (d * hidden + hidden + hidden * w + w)
+    return 2 * n_ctx * w + n_cls * w + metanet + fgp_modules * 4 * (d * d + d)
 
 
 # ---- registry and config ---------------------------------------------------------------------------------------
@@ -261,7 +262,7 @@ def test_seeded_initialisation_leaves_the_global_rng_alone(tiny_backbone):
         assert torch.equal(value, second.learned_state_dict()[key]), key
 
 
-# ---- errors ------------------------------------------------------------------------------------------------------------
+# ---- errors ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides, message", [
     ({"topk": 65}, "topk"),
     ({"topk": 0}, "topk"),

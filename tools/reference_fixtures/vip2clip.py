@@ -1,41 +1,43 @@
 """ViP2-CLIP fixtures from the authors' code: ``python -m tools.reference_fixtures vip2clip --ref PATH``.
 
-PATH is a checkout of https://github.com/kim0806/ViP2-CLIP (fixtures written at 4b5884f, master). Nothing of it is
-copied here: its modules are imported from PATH and its own ``train.train(args)`` and ``test.test(args)`` run end
-to end on the ``tiny-ref`` CLIP (tests/reference.py) at 240 px. The stand-ins, all undone when ``main`` returns
-(except the stub modules, which only exist in this process):
+PATH is a checkout of https://github.com/kim0806/ViP2-CLIP (fixtures written at 4b5884f, master; the side branch
+patch_selecter_v1 is not used). Nothing of it is copied here: its modules are imported from PATH and its own
+``train.train(args)`` and ``test.test(args)`` run end to end on the ``tiny-ref`` CLIP (tests/reference.py) at 240 px,
+with the released settings (features 6/12/18/24, n_ctx 7, n_cls 3, top-k 50, sigma 8, seed 111). The stand-ins, all
+undone when ``main`` returns (except the stub modules, which only exist in this process):
 
 * ``VIP2CLIP_lib.load("ViT-L/14@336px", ...)`` -> the same ``load`` on a temporary file holding
   :func:`reference_state_dict`; while it runs ``torch.jit.load`` raises at once, so ``load`` falls back to reading
   the file as a state dict and its ``build_model`` / ``.float()`` path runs unchanged;
-* sizes that the reference hard-codes for ViT-L (768 = joint width = text width): ``prompt_learner.Linearlayer``
-  is built with ``dim_in`` = the joint width (64), ``dim_out`` = the text width (128) and ``hidden_dim`` 32 (ViT-L:
-  768, 768, 384; a smaller hidden width keeps the stored weights small); ``FGP(dim_v=768, dim_t=768, dim_out=768)``
-  in train.py / test.py -> ``FGP(64, 64, 64)``;
+* widths the reference hard-codes for ViT-L (768 = joint width = text width): right after ``ICA.__init__`` its
+  MetaNet (``Linearlayer(768, 768)``, hidden 384) is rebuilt by the same ``Linearlayer`` class with tiny-ref's widths
+  (joint width in, text width out; both 128) and hidden width 32 (keeps the stored weights small; zsadlib's tests use
+  ``meta_hidden=32``); ``FGP(dim_v=768, dim_t=768, dim_out=768)`` in train.py / test.py -> ``FGP`` at the joint width;
 * ``Dataset`` of train.py / test.py -> an in-memory dataset of :func:`reference_images` (already tensors at 240 px)
   with a fixed mask and labels (1, 0);
 * ``torch.Tensor.cuda`` -> identity while train.py runs (it calls ``label.long().cuda()`` unconditionally);
 * stub modules for imports these code paths never use: ``cv2`` (visualization.py), ``tabulate`` (the final table)
   and ``pkg_resources`` (only ``pkg_resources.packaging``; the stub hands out the real ``packaging``);
 * recorders (call the original, keep a copy): ``ICA`` (its state right after construction, the global features it
-  receives), ``FGP`` (state after construction; per call the text and patch inputs and the output),
-  test.py's ``image_level_metrics`` (its ``results``: image scores and blurred maps; returns 0),
-  train.py's ``FocalLoss`` / ``BinaryDiceLoss`` / ``F.cross_entropy`` (loss terms of the first step).
+  receives), ``FGP`` (per call the text and patch inputs and the output), test.py's ``image_level_metrics`` (its
+  ``results``: image scores and blurred maps; returns 0), train.py's ``FocalLoss`` / ``BinaryDiceLoss`` /
+  ``F.cross_entropy`` (loss terms of the first step).
 
 Two fixtures:
 
-``vip2clip_init.npz``: the ICA and FGP exactly as their constructors initialise them (seeded), saved as a
-    ``{"prompt_learner", "Zero_try"}`` checkpoint that test.py loads (its arrays ``ckpt/prompt_learner/*`` and
-    ``ckpt/Zero_try/*`` hold every key of it, buffers included). FGP's default init makes its attention nearly
-    uniform, so every map is ~0.5 here: this fixture checks the wiring and the checkpoint format.
-``vip2clip_trained.npz``: train.py from its own seeded init (seed 111) with FGP's query/key weights (and biases)
-    multiplied by 30 right after construction (attention far from uniform, so a wiring error cannot hide under the
-    tolerance), 5 epochs of one batch (the 2 images, batch size 2, lr 1e-3 / 1e-5); the loss terms of the first step,
-    the learned state before and after (``init/*``, ``final/*``), and test.py on the ``epoch_5.pth`` it saves.
+``vip2clip_init.npz``: ICA and FGP exactly as their constructors initialise them (torch seed 2024), saved as a
+    ``{"prompt_learner", "Zero_try"}`` checkpoint that test.py loads; ``ckpt/prompt_learner/*`` and
+    ``ckpt/Zero_try/*`` hold every key of it, buffers included (the real checkpoint format). FGP's default init makes
+    its attention nearly uniform, so every map is ~0.5 here: this fixture checks the wiring and the format.
+``vip2clip_trained.npz``: train.py, with its ICA / FGP loaded from that init checkpoint right after construction and
+    FGP's query/key weights and biases then multiplied by 30 (attention far from uniform, so a wiring error cannot
+    hide under the tolerance), for 5 epochs of one batch (the 2 images, batch size 2, lr 1e-3 / 1e-5; train.py saves
+    from epoch 5 on); the loss terms of its first step (``loss_focal`` [4], ``loss_dice`` [8], ``loss_image_ce``), the
+    mask and labels, the learned state it saved (``final/*``), and test.py on that ``epoch_5.pth``.
 
-Per test.py run: ``scores`` [2], ``maps`` [2, 240, 240] (after the Gaussian, sigma 8), ``global_features`` [2, 64]
-(normalised, ICA input), ``text_features`` [2, 2, 64] (ICA text, normalised), ``layer_text_features``
-[2, 4, 2, 64] (FGP outputs per layer), ``topk_indices`` [2, 4, 50] (sorted; computed here from the recorded FGP
+Per test.py run: ``scores`` [2], ``maps`` [2, 240, 240] (after the Gaussian, sigma 8), ``global_features`` [2, D]
+(normalised, ICA input), ``text_features`` [2, 2, D] (ICA text, normalised), ``layer_text_features``
+[2, 4, 2, D] (FGP outputs per layer), ``topk_indices`` [2, 4, 50] (sorted; computed here from the recorded FGP
 inputs/outputs with test.py's formula: top-k of softmax(cos / 0.07)[anomalous]).
 """
 from __future__ import annotations
@@ -150,7 +152,8 @@ class _Reference:
         self.workdir = workdir
         self.weights = workdir / "tiny_ref_openai.pt"
         state = reference_state_dict()
-        self.joint_width, self.text_width = int(state["text_projection"].shape[1]), int(state["ln_final.weight"].shape[0])
+        self.joint_width = int(state["text_projection"].shape[1])
+        self.text_width = int(state["ln_final.weight"].shape[0])
         torch.save(state, self.weights)
         self.patches = _Patches()
         self.record: dict[str, list] = {}

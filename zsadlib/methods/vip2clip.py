@@ -111,12 +111,12 @@ class ViP2CLIPConfig(MethodConfig):
     fgp_heads: int = 8  # FGP(num_heads=8)
     fgp_shared: bool = True  # quirk: one FGP module for all layers (test.py / train.py build one fgp_learner)
     fgp_scaled: bool = False  # quirk: attention logits q.k * beta_t (beta_t = 1), no 1/sqrt(head_dim)
-    # -- similarity, maps and UTPA --------------------------------------------------------------------------------------
+    # -- similarity, maps and UTPA ------------------------------------------------------------------------------------
     temperature: float = 0.07  # similarity / 0.07 (patch softmax and the UTPA image logits)
     topk: int = 50  # --topk 50: patches per layer pooled into the image score
     layer_fusion: str = "mean"  # anomaly_map.mean(dim=0) over layers (test.py) | "sum"
     blur_sigma: float = 8.0  # --sigma 8 (gaussian_filter); 0 = none
-    # -- training (train.py / train.sh) ---------------------------------------------------------------------------------
+    # -- training (train.py / train.sh) -------------------------------------------------------------------------------
     pixel_loss_weight: float = 1.0  # sum over layers of focal + dice(anom, mask) + dice(normal, 1 - mask), weight 1
     image_loss_weight: float = 1.0  # weight of CE(UTPA logits, label): loss + anomaly_loss
     focal_gamma: float = 2.0  # FocalLoss() default gamma
@@ -132,7 +132,8 @@ def convert_reference_state_dict(checkpoint: dict[str, Any], fgp_copies: int = 1
     """Map a reference checkpoint (``{"prompt_learner": ICA state dict, "Zero_try": FGP state dict}``, as
     ``train.py`` saves it) to :meth:`ViP2CLIP.learned_state_dict` keys.
 
-    ``ctx_pos``/``ctx_neg`` [n_ctx, W] -> ``prompts.text.context`` [2, n_ctx, W]; ``cls_ctx`` -> ``prompts.class_tokens``;
+    ``ctx_pos``/``ctx_neg`` [n_ctx, W] -> ``prompts.text.context`` [2, n_ctx, W]; ``cls_ctx`` ->
+    ``prompts.class_tokens``;
     ``cls_prompter.bias`` -> ``prompts.meta.bias``; ``cls_prompter.fc.i.{0,2}`` -> ``prompts.meta.mlps.i.{fc1,fc2}``;
     FGP Conv1d(k=1) weights [out, in, 1] -> ``fgp.j.{q,k,v,out}_proj`` Linear weights [out, in] (copied to each of
     ``fgp_copies`` modules). Dropped: the ICA token buffers and FGP's unused ``prompt_temp_l1``. Any other key is an
