@@ -37,10 +37,11 @@ Reference quirks kept as fields (defaults reproduce the released code; the corre
 * ``global_ln_post=False``: the global feature skips ``ln_post`` (``True``: CLIP's own image embedding).
 * ``pos_embed_resize="bilinear"``: the positional embedding is resized bilinearly at run time.
 
-METHODS.md vs code: METHODS.md writes the prompt as "[ctx x7] damaged [c1 c2 c3]" for the abnormal prompt and
-describes FGP "per layer"; the code has one FGP shared by all layers (kept, as a quirk field) and a MetaNet that
-adds its learned bias to the MLP *input*. The paper's 768 -> 384 -> 768 MetaNet maps the joint width D to the text
-width W (both 768 at ViT-L; the reference hard-codes 768).
+METHODS.md vs code (the code wins): METHODS.md describes FGP "per layer"; the code has one FGP shared by all layers
+(kept, as a quirk field). "The top-k patches across the 4 layers" is, in the code, the top-k of EACH layer (by that
+layer's p_anom), their 4 x k raw cosines averaged. The MetaNet adds its learned bias to the MLP *input*, and its
+input is the normalised global feature. The 768 -> 384 -> 768 MetaNet maps the joint width D to the text width W
+(both 768 at ViT-L; the reference hard-codes 768).
 
 Unused reference parameter: ``FGP.prompt_temp_l1`` (a scalar no forward uses) is dropped by
 :func:`convert_reference_state_dict`, as are the ICA's token buffers (``load_reference_checkpoint`` checks that the
