@@ -34,11 +34,17 @@ checkpoint it saves (``epoch_1.pth``) is then what test.py loads, and test.py ru
 At 45ed4dd the taps are ``.clone()``d (upstream fix 2a7c886, 2025-04-13), so layers 6/12/18/24 are four
 different layers: zsadlib's ``layers=PAPER_LAYERS`` with the default ``layer_fusion="sum"`` and
 ``pixel_loss_weight=4`` (this script checks that the taps differ).
+
+Written: tests/fixtures/anomalyclip_released.npz and anomalyclip_paper.npz (float32; ~1.8 MB together): text
+features, global embedding, per-layer patch embeddings (class token first) and patch probabilities, image
+scores, final maps, the prompt learner before / after the step (without the unused
+``compound_prompt_projections``, kept as shapes), the training batch's masks / labels, loss terms and
+gradients. Arrays that do not depend on the variant are stored in the released file only (``meta.settings.
+shared_with``). The run is deterministic: regenerating gives identical arrays.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib
 import importlib.util
 import sys
@@ -89,7 +95,7 @@ class _ImageSet(torch.utils.data.Dataset):
 def _stub_unused_modules() -> None:
     import importlib.machinery
 
-    import packaging.version
+    import packaging.version  # noqa: F401  (so that sys.modules["packaging"].version exists for the stub)
     import torchvision  # noqa: F401  (imported before the stubs: torch._dynamo probes installed modules)
 
     stubs = {"thop": {"profile": None}, "cv2": {}, "tabulate": {"tabulate": lambda *a, **k: ""},
