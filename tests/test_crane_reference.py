@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.reference import FIXTURES, load_fixture, max_abs_diff, reference_backbone, reference_images
-from zsadlib.methods import build_method
+from zsadlib.methods import build_method, get_method_class
 
 TOLERANCE = 1e-5
 
@@ -117,17 +117,23 @@ def dino(fixture, tmp_path_factory):
     path = tmp_path_factory.mktemp("dino") / "tiny_dinov2.pth"
     torch.save(state, path)
     config = meta["settings"]["dino"]
+    assert (config["embed_dim"], config["depth"], config["num_heads"]) == (64, 2, 2)  # zsadlib.dino's tiny config
     return load_dino("tiny", pretrained=str(path), image_size=config["img_size"], device="cpu",
-                     patch_size=config["patch_size"], embed_dim=config["embed_dim"], depth=config["depth"],
-                     num_heads=config["num_heads"])
+                     patch_size=config["patch_size"])
+
+
+def _plus(backbone, dino, arrays, tmp_path, **overrides):
+    config = get_method_class("crane_plus").config_class(backbone="tiny-ref", pretrained=None,
+                                                         image_size=backbone.image_size).replace(**overrides)
+    method = get_method_class("crane_plus")(config, backbone, dino=dino)
+    method.load_reference_checkpoint(_reference_checkpoint(arrays, tmp_path))
+    return method.eval()
 
 
 @needs_plus
 def test_crane_plus_batch_mean_equals_reference(fixture, backbone, images, dino, tmp_path):
     arrays, _ = fixture
-    method = build_method("crane_plus", backbone=backbone, dattn_mean="batch")
-    method.__dict__["dino"] = dino
-    method.load_reference_checkpoint(_reference_checkpoint(arrays, tmp_path))
+    method = _plus(backbone, dino, arrays, tmp_path, dattn_mean="batch")
     out = method(images)
     diffs = {"maps": max_abs_diff(out.maps, arrays["plus/maps"]),
              "scores": max_abs_diff(out.scores, arrays["plus/scores"])}
@@ -138,25 +144,19 @@ def test_crane_plus_batch_mean_equals_reference(fixture, backbone, images, dino,
 def test_crane_plus_per_image_mean_equals_reference_at_batch_one(fixture, backbone, images, dino, tmp_path):
     """Our default (mean(S) per image) gives every image what the reference gives it alone, whatever the batch."""
     arrays, _ = fixture
-    method = build_method("crane_plus", backbone=backbone)
-    method.__dict__["dino"] = dino
-    method.load_reference_checkpoint(_reference_checkpoint(arrays, tmp_path))
+    method = _plus(backbone, dino, arrays, tmp_path)
     out = method(images)
     for index in range(images.shape[0]):
         assert max_abs_diff(out.maps[index:index + 1], arrays[f"plus_single/maps_{index}"]) < TOLERANCE
         assert max_abs_diff(out.scores[index:index + 1], arrays[f"plus_single/scores_{index}"]) < TOLERANCE
-    batch_mean = build_method("crane_plus", backbone=backbone, dattn_mean="batch")
-    batch_mean.__dict__["dino"] = dino
-    batch_mean.load_reference_checkpoint(_reference_checkpoint(arrays, tmp_path))
+    batch_mean = _plus(backbone, dino, arrays, tmp_path, dattn_mean="batch")
     assert (batch_mean(images).maps - out.maps).abs().max() > 1e-6  # the batch mean does depend on the batch
 
 
 @needs_plus
 def test_crane_plus_training_loss_equals_reference(fixture, backbone, images, dino, tmp_path):
     arrays, _ = fixture
-    method = build_method("crane_plus", backbone=backbone, dattn_mean="batch")
-    method.__dict__["dino"] = dino
-    method.load_reference_checkpoint(_reference_checkpoint(arrays, tmp_path))
+    method = _plus(backbone, dino, arrays, tmp_path, dattn_mean="batch")
     loss, parts = method.training_loss(images, torch.from_numpy(arrays["masks"]).bool(),
                                        torch.from_numpy(arrays["labels"]))
     assert abs(float(loss.detach()) - float(arrays["plus_train/loss"])) < TOLERANCE, (float(loss.detach()), parts)

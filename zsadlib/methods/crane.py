@@ -116,7 +116,8 @@ class CraneConfig(MethodConfig):
     # -- Crane+ (D-Attn) ----------------------------------------------------------------------------------------
     dattn: bool = False  # --dino_model none (Crane); True = Crane+ (--dino_model dinov2)
     dino_model: str = "vit_base_patch14_reg4_dinov2.lvd142m"  # torch.hub dinov2_vitb14_reg, through timm
-    dino_pretrained: str | None = "default"  # "default" = the timm tag's weights (HF cache), a file, or None
+    dino_pretrained: str | None = "lvd142m"  # the timm tag (HF cache, or torch.hub's dinov2_vitb14_reg4_pretrain.pth
+    # in its checkpoints folder), a local file (original dinov2 or timm format), or None (random)
     dattn_beta: float = 1.2  # custom_attn beta: T = gamma * (S - beta * mean(S))
     dattn_gamma: float = 3.0  # custom_attn gamma
     dattn_mean: str = "image"  # OUR deviation: mean(S) per image; "batch" = the reference's mean over the batch
