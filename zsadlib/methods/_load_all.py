@@ -4,3 +4,4 @@ from . import april_gan  # noqa: F401
 from . import anomalyclip  # noqa: F401
 from . import genclip  # noqa: F401
 from . import crane  # noqa: F401
+from . import vip2clip  # noqa: F401
