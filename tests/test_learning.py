@@ -7,6 +7,10 @@ Measured on torch 2.14 CPU (seed 111, 10 epochs x 8 steps, lr 1e-3), held-out pi
 * AnomalyCLIP (paper layers 6/12/18/24): wood 0.529 -> 0.699 (+0.170), pill 0.635 -> 0.360;
   seeds 1 and 2 gave wood +0.137 and +0.279. With the released layer-24-only default: wood +0.062 (seed 111).
 * GenCLIP (defaults): wood 0.538 -> 0.688 (+0.150), pill 0.543 -> 0.372; seed 1: wood +0.098.
+* Crane with distinct taps (``aliased_taps=False``): pill 0.522 -> 0.731 (+0.209), wood 0.562 -> 0.549 (-0.013),
+  mean +0.098; seeds 1 and 2: mean +0.045 and +0.136 (pill +0.079 / +0.182, wood +0.012 / +0.090). Here the
+  object transfers and the texture does not, so the assertion is on the held-out mean. With the released
+  aliased taps (layer 24 only) nothing transfers on random weights: mean -0.005 (seed 111), -0.007 (seed 1).
 
 With random weights, learning transfers to the held-out texture (wood) but not to the object on a dark
 background (pill), whose dark holes look like its background to random features: the assertion is on wood,
@@ -39,12 +43,13 @@ def held_out_pixel_auroc(method, dataset) -> dict[str, float]:
     return {name: float(table.loc[name, "pixel_auroc"]) for name in HELD_OUT}
 
 
-@pytest.mark.parametrize("name, overrides, bound", [
-    ("anomalyclip", {"layers": PAPER_LAYERS}, 0.08),
-    ("genclip", {}, 0.07),
+@pytest.mark.parametrize("name, overrides, judged, bound", [
+    ("anomalyclip", {"layers": PAPER_LAYERS}, "wood", 0.08),
+    ("genclip", {}, "wood", 0.07),
+    ("crane", {"aliased_taps": False}, "mean", 0.045),
 ])
-def test_learned_prompts_raise_held_out_pixel_auroc(name, overrides, bound, tiny_backbone, large_defects, tmp_path,
-                                                    record_property):
+def test_learned_prompts_raise_held_out_pixel_auroc(name, overrides, judged, bound, tiny_backbone, large_defects,
+                                                    tmp_path, record_property):
     train_set = open_dataset("synthetic", large_defects, classes=TRAIN_CLASSES, image_size=TINY_SIZE)
     held_out = open_dataset("synthetic", large_defects, classes=HELD_OUT, image_size=TINY_SIZE)
     method = build_method(name, backbone=tiny_backbone, **overrides)
@@ -56,4 +61,6 @@ def test_learned_prompts_raise_held_out_pixel_auroc(name, overrides, bound, tiny
     print(f"{name}: held-out pixel AUROC before {before} after {after}")
     assert run.finished and run.step == 80
     assert run.history[-1]["loss"] < run.history[0]["loss"]
-    assert after["wood"] - before["wood"] > bound
+    for values in (before, after):
+        values["mean"] = sum(values[c] for c in HELD_OUT) / len(HELD_OUT)
+    assert after[judged] - before[judged] > bound

@@ -22,7 +22,7 @@ from PIL import Image
 from .data.transforms import denormalize
 
 __all__ = ["to_uint8_image", "colorize", "heatmap_overlay", "save_map_png", "save_overlay", "plot_maps",
-           "plot_class_metrics", "plot_loss_curves", "ExplorerItem", "ExplorerState", "ExplorerView",
+           "plot_layer_maps", "plot_class_metrics", "plot_loss_curves", "ExplorerItem", "ExplorerState", "ExplorerView",
            "explorer_map", "render_explorer", "Explorer"]
 
 
@@ -117,6 +117,23 @@ def plot_maps(images: Sequence[Any], maps: Sequence[Sequence[Any]], column_title
         ax.set_yticks([])
     fig.tight_layout()
     return fig
+
+
+def plot_layer_maps(method, images: Sequence[Any], output, masks: Sequence[Any] | None = None, label: str = ""):
+    """Per-layer maps of one method output: every ``extras`` entry whose name contains "layer_maps" ([B, L, S, S],
+    e.g. ``layer_maps`` and ViP2-CLIP's ``layer_maps_before_fgp``), one column per (entry, layer), one row per image.
+
+    Columns are named by ``extras["entries"]`` (Crane's per-entry names) or the method's ``layers``.
+    """
+    keys = [key for key, value in output.extras.items()
+            if "layer_maps" in key and isinstance(value, torch.Tensor) and value.ndim == 4]
+    if not keys:
+        raise ValueError(f"{method.name} returns no per-layer maps in extras")
+    count = output.extras[keys[0]].shape[1]
+    names = list(output.extras.get("entries") or [f"L{layer}" for layer in getattr(method, "layers", range(count))])
+    titles = [f"{key.replace('layer_maps', 'maps').strip('_')} {name}{label}" for key in keys for name in names]
+    rows = [[output.extras[key][i, j] for key in keys for j in range(count)] for i in range(len(images))]
+    return plot_maps(images, rows, titles, masks=masks, vmin=None, vmax=None)
 
 
 def plot_class_metrics(table, metrics: Sequence[str] = ("image_auroc", "pixel_auroc", "aupro_mvtec"),

@@ -357,7 +357,8 @@ class ViP2CLIP(AnomalyMethod):
     blur); ``"image_probabilities"`` [B, 2]; ``"global_features"`` [B, D] (normalised MetaNet input);
     ``"text_features"`` [B, 2, D] (ICA, normalised);
     ``"layer_text_features"`` [B, L, 2, D] (FGP outputs); ``"topk_indices"`` [B, L, k] (patch indices pooled by UTPA,
-    sorted ascending).
+    sorted ascending); ``"layer_maps_before_fgp"`` [B, L, S, S] (the per-layer maps with the ICA text itself, i.e.
+    without FGP: what fine-grained perception changes).
     Learned parameters: ``prompts.text.context`` [2, n_ctx, W], ``prompts.class_tokens`` [n_cls, W],
     ``prompts.meta.*`` (bias [1, D], n_cls MLPs), ``fgp.j.*`` (1 module, or one per layer without ``fgp_shared``).
     """
@@ -441,6 +442,9 @@ class ViP2CLIP(AnomalyMethod):
         out = self._compute(images)
         size = tuple(images.shape[-2:])
         layer_maps = ops.layer_maps(out.probabilities, out.features.grid_size, size)  # [B, L, S, S]
+        # the same maps with the ICA text before FGP (what fine-grained perception changes, for notebooks)
+        before_fgp = [ops.anomaly_probability(F.normalize(p.float(), dim=-1), out.text, config.temperature)
+                      for p in out.features.patch_embeddings]
         maps = ops.fuse_layers(layer_maps, config.layer_fusion)
         if config.blur_sigma > 0:
             maps = ops.gaussian_blur(maps, config.blur_sigma)
@@ -451,7 +455,8 @@ class ViP2CLIP(AnomalyMethod):
             extras={"layer_maps": layer_maps, "image_probabilities": image_probabilities,
                     "global_features": F.normalize(out.features.global_embedding.float(), dim=-1),
                     "text_features": out.text, "layer_text_features": out.layer_text,
-                    "topk_indices": out.topk_indices},
+                    "topk_indices": out.topk_indices,
+                    "layer_maps_before_fgp": ops.layer_maps(before_fgp, out.features.grid_size, size)},
         )
 
     # -- training ----------------------------------------------------------------------------------------------
