@@ -44,12 +44,20 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2, help="images per inference batch and training step")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                        help="change a config field, e.g. --set aliased_taps=false --set dino_pretrained=null")
     args = parser.parse_args()
+    overrides = {}
+    for item in args.set:
+        field, _, value = item.partition("=")
+        overrides[field] = json.loads(value)
+    if args.method == "crane_plus" or overrides.get("dattn"):
+        overrides.setdefault("dino_pretrained", None)  # random DINOv2 weights: the timing is the same
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     method = build_method(args.method, backbone=args.backbone, pretrained=None, image_size=args.image_size,
-                          device="cpu")
+                          device="cpu", **overrides)
     backbone = method.backbone
     size = backbone.image_size
     images = torch.randn(args.batch_size, 3, size, size)
@@ -61,11 +69,12 @@ def main() -> None:
     config = method.config
     layers = tuple(getattr(method, "layers", getattr(config, "layers", (6, 12, 18, 24))))
     dense_from = getattr(method, "dense_from", getattr(config, "dense_from", None))
+    dense_attention = getattr(config, "attention", getattr(config, "dense_attention", "vv"))
 
     with torch.inference_mode():
         bare = timed(lambda: backbone.encode_image(images), args.repeats)
-        taps = timed(lambda: backbone.forward_features(images, layers=layers, dense_from=dense_from),
-                     args.repeats)
+        taps = timed(lambda: backbone.forward_features(images, layers=layers, dense_from=dense_from,
+                                                       dense_attention=dense_attention), args.repeats)
         inference = timed(lambda: method(images, names), args.repeats)
 
     result = {
@@ -81,7 +90,9 @@ def main() -> None:
         "backbone_encode_image_s_per_image": round(bare / args.batch_size, 4),
         "backbone_forward_features_s_per_image": round(taps / args.batch_size, 4),
         "dense_from": dense_from,
+        "dense_attention": dense_attention if dense_from else None,
         "layers": list(layers),
+        "config_overrides": overrides,
         "method_inference_s_per_image": round(inference / args.batch_size, 4),
         "method_overhead_over_encode_image": round(inference / bare, 3),
     }

@@ -297,9 +297,9 @@ class Backbone(nn.Module):
             if return_block_inputs and index in layers:
                 inputs[index] = x
             if dense_from is not None and index >= dense_from:
-                base = x if refined is None else refined
-                refined = base + block.ls_1(_refined_attention(block, x, dense_attention))
-            x = block(x)
+                x, refined = _dual_block(block, x, x if refined is None else refined, dense_attention)
+            else:
+                x = block(x)
             if index in layers:
                 taps[index] = refined if (refined is not None) else x
         global_token = x[:, 0]
@@ -322,39 +322,40 @@ class Backbone(nn.Module):
         return self.forward_features(images, **kwargs)
 
 
-def _refined_attention(block: nn.Module, x: torch.Tensor, mode: DenseAttention) -> torch.Tensor:
-    """Refined-path attention of one block, from the original path's ``ln_1`` input.
+def _dual_block(block: nn.Module, x: torch.Tensor, base: torch.Tensor,
+                mode: DenseAttention) -> tuple[torch.Tensor, torch.Tensor]:
+    """One dense block: the original path and the refined path from ONE q/k/v projection of ``ln_1(x)``.
 
     Args:
         block: an open_clip ``ResidualAttentionBlock`` (``attn`` is ``nn.MultiheadAttention``, batch first).
         x: [B, L, W] input of the block on the original path.
+        base: [B, L, W] the refined path so far (``x`` itself at the first dense block).
         mode: ``"vv"`` -> softmax(v v^T * s) v; ``"qkv_sum"`` -> (softmax(qq^T s) + softmax(kk^T s) + softmax(vv^T s)) v.
     Returns:
-        [B, L, W] the out-projected attention output (before the layer scale / residual).
+        (original path output [B, L, W], refined path output [B, L, W]). The original path is the block's own
+        computation (attention, then MLP) up to float rounding: it reuses the projection instead of calling
+        ``nn.MultiheadAttention`` a second time, which saves one of the two q/k/v projections per dense block.
     """
     attn: nn.MultiheadAttention = block.attn
     if not isinstance(attn, nn.MultiheadAttention) or not getattr(attn, "batch_first", False):
         raise BackboneError("the dense path needs open_clip blocks with a batch-first nn.MultiheadAttention")
     batch, length, width = x.shape
     heads = attn.num_heads
-    head_dim = width // heads
     hidden = block.ln_1(x)
-    weight, bias = attn.in_proj_weight, attn.in_proj_bias
-    which = ("v",) if mode == "vv" else ("q", "k", "v")
-    parts = {}
-    for offset, name in enumerate(("q", "k", "v")):
-        if name in which:
-            rows = slice(offset * width, (offset + 1) * width)
-            projected = F.linear(hidden, weight[rows], None if bias is None else bias[rows])
-            parts[name] = projected.view(batch, length, heads, head_dim).transpose(1, 2)  # [B, h, L, d]
-    value = parts["v"]
+    q, k, v = (part.view(batch, length, heads, width // heads).transpose(1, 2)  # [B, h, L, d] each
+               for part in F.linear(hidden, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1))
+
+    def project(heads_out: torch.Tensor) -> torch.Tensor:
+        return attn.out_proj(heads_out.transpose(1, 2).reshape(batch, length, width))
+
     # scaled_dot_product_attention uses the same 1/sqrt(d) scale as CLIP's attention
-    out = F.scaled_dot_product_attention(value, value, value)
+    original = x + block.ls_1(project(F.scaled_dot_product_attention(q, k, v)))
+    original = original + block.ls_2(block.mlp(block.ln_2(original)))
+    refined = F.scaled_dot_product_attention(v, v, v)
     if mode == "qkv_sum":
-        out = out + F.scaled_dot_product_attention(parts["q"], parts["q"], value)
-        out = out + F.scaled_dot_product_attention(parts["k"], parts["k"], value)
-    out = out.transpose(1, 2).reshape(batch, length, width)
-    return attn.out_proj(out)
+        refined = refined + F.scaled_dot_product_attention(q, q, v)
+        refined = refined + F.scaled_dot_product_attention(k, k, v)
+    return original, base + block.ls_1(project(refined))
 
 
 # ---------------------------------------------------------------------------------------------------------
