@@ -131,9 +131,13 @@ def plot_layer_maps(method, images: Sequence[Any], output, masks: Sequence[Any] 
         raise ValueError(f"{method.name} returns no per-layer maps in extras")
     count = output.extras[keys[0]].shape[1]
     names = list(output.extras.get("entries") or [f"L{layer}" for layer in getattr(method, "layers", range(count))])
-    titles = [f"{key.replace('layer_maps', 'maps').strip('_')} {name}{label}" for key in keys for name in names]
+    titles = [f"{name}\n{key.replace('layer_maps', '').strip('_').replace('_', ' ') or method.name}"
+              for key in keys for name in names]
     rows = [[output.extras[key][i, j] for key in keys for j in range(count)] for i in range(len(images))]
-    return plot_maps(images, rows, titles, masks=masks, vmin=None, vmax=None)
+    figure = plot_maps(images, rows, titles, masks=masks, vmin=0.0, vmax=1.0)
+    figure.suptitle(f"{method.name}: per-layer maps (colour scale 0..1){label}", fontsize=10)
+    figure.tight_layout()
+    return figure
 
 
 def plot_class_metrics(table, metrics: Sequence[str] = ("image_auroc", "pixel_auroc", "aupro_mvtec"),
