@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-import zsadlib.methods.vip2clip  # noqa: F401  (registers "vip2clip")
 from zsadlib.methods import MethodError, build_method, get_method_class, list_methods
 from zsadlib.methods.vip2clip import QUIRKS, FineGrainedPerception, ViP2CLIP, ViP2CLIPConfig
 from zsadlib.train import TrainConfig, load_checkpoint, save_learned

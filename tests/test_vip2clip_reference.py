@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-import zsadlib.methods.vip2clip  # noqa: F401  (registers "vip2clip")
 from zsadlib.methods import MethodError, build_method
 from zsadlib.methods.vip2clip import convert_reference_state_dict
 

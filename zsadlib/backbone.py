@@ -330,7 +330,8 @@ def _dual_block(block: nn.Module, x: torch.Tensor, base: torch.Tensor,
         block: an open_clip ``ResidualAttentionBlock`` (``attn`` is ``nn.MultiheadAttention``, batch first).
         x: [B, L, W] input of the block on the original path.
         base: [B, L, W] the refined path so far (``x`` itself at the first dense block).
-        mode: ``"vv"`` -> softmax(v v^T * s) v; ``"qkv_sum"`` -> (softmax(qq^T s) + softmax(kk^T s) + softmax(vv^T s)) v.
+        mode: ``"vv"`` -> softmax(v v^T * s) v;
+            ``"qkv_sum"`` -> (softmax(qq^T s) + softmax(kk^T s) + softmax(vv^T s)) v.
     Returns:
         (original path output [B, L, W], refined path output [B, L, W]). The original path is the block's own
         computation (attention, then MLP) up to float rounding: it reuses the projection instead of calling

@@ -45,9 +45,6 @@ shared_with``). The run is deterministic: regenerating gives identical arrays.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
-import sys
 import tempfile
 import types
 from pathlib import Path
@@ -55,7 +52,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import REF_IMAGE_SIZE, reference_images, reference_state_dict, use_checkout, write
+from .common import (REF_IMAGE_SIZE, Patches, load_script, pkg_resources_stub, reference_images,
+                     reference_state_dict, stub_modules, use_checkout, write)
 
 REPOSITORY = "zqhang/AnomalyCLIP"
 COMMIT = "45ed4dd"
@@ -93,45 +91,8 @@ class _ImageSet(torch.utils.data.Dataset):
 
 
 def _stub_unused_modules() -> None:
-    import importlib.machinery
-
-    import packaging.version  # noqa: F401  (so that sys.modules["packaging"].version exists for the stub)
-    import torchvision  # noqa: F401  (imported before the stubs: torch._dynamo probes installed modules)
-
-    stubs = {"thop": {"profile": None}, "cv2": {}, "tabulate": {"tabulate": lambda *a, **k: ""},
-             "pkg_resources": {"packaging": sys.modules["packaging"]}}
-    for name, attributes in stubs.items():
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            module = types.ModuleType(name)
-            module.__spec__ = importlib.machinery.ModuleSpec(name, loader=None)
-            module.__dict__.update(attributes)
-            sys.modules[name] = module
-
-
-def _load_script(checkout: Path, name: str):
-    """Import the checkout's train.py / test.py under a private name (``test`` is also a stdlib package)."""
-    spec = importlib.util.spec_from_file_location(f"_anomalyclip_reference_{name}", checkout / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-class _Patches:
-    """Set attributes, remember the originals, undo them all."""
-
-    def __init__(self):
-        self._undo = []
-
-    def set(self, owner, name, value):
-        self._undo.append((owner, name, getattr(owner, name)))
-        setattr(owner, name, value)
-
-    def undo(self):
-        for owner, name, value in reversed(self._undo):
-            setattr(owner, name, value)
-        self._undo.clear()
+    stub_modules({"thop": {"profile": None}, "cv2": {}, "tabulate": {"tabulate": lambda *a, **k: ""},
+                  **pkg_resources_stub()})
 
 
 def _clone(value):
@@ -148,13 +109,13 @@ def run_variant(checkout: Path, features_list: list[int], workdir: Path,
     import AnomalyCLIP_lib
     import prompt_ensemble
 
-    train_py, test_py = _load_script(checkout, "train"), _load_script(checkout, "test")
+    train_py, test_py = load_script(checkout, "train", "anomalyclip"), load_script(checkout, "test", "anomalyclip")
     weights = workdir / "tiny_ref_openai.pt"
     torch.save(reference_state_dict(), weights)
     record: dict[str, list] = {key: [] for key in ("encode_image", "similarity", "blur_out", "results",
                                                    "focal", "dice", "image_ce", "total", "grads", "init_state")}
     learners = []
-    patches = _Patches()
+    patches = Patches()
     original_load = AnomalyCLIP_lib.load
     original_compute_similarity = AnomalyCLIP_lib.compute_similarity
     original_backward = torch.Tensor.backward

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import datetime
+import importlib
+import importlib.util
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +19,8 @@ if str(REPO_ROOT) not in sys.path:
 from tests.reference import (REF_IMAGE_SIZE, REF_MODEL, REF_NATIVE_SIZE, REF_SEED,  # noqa: E402
                              reference_images, reference_state_dict, save_fixture)
 
-__all__ = ["use_checkout", "checkout_commit", "write", "stub_modules", "shim_pkg_resources", "reference_images", "reference_state_dict", "to_numpy",
-           "REF_IMAGE_SIZE", "REF_NATIVE_SIZE", "REF_MODEL", "REF_SEED"]
+__all__ = ["use_checkout", "checkout_commit", "write", "stub_modules", "pkg_resources_stub", "load_script", "Patches",
+           "reference_images", "reference_state_dict", "to_numpy", "REF_IMAGE_SIZE", "REF_NATIVE_SIZE", "REF_MODEL", "REF_SEED"]
 
 
 def use_checkout(path: str | Path) -> Path:
@@ -64,50 +67,53 @@ def write(name: str, arrays: dict, checkout: Path, repository: str, expected_com
     print(f"wrote {path.relative_to(REPO_ROOT)} ({path.stat().st_size / 1024:.0f} KiB): {sorted(arrays)}")
 
 
-def stub_modules(*names: str) -> None:
-    """Register empty stand-ins for modules the reference imports but the fixture path never uses (cv2,
-    torchmetrics, ...), so that no extra package is needed to import their test/train scripts. A stand-in's
-    attributes are placeholders that do nothing and return an empty string."""
+def stub_modules(stubs: dict[str, dict]) -> None:
+    """Register stand-ins for modules the reference scripts import but the fixture paths never use (cv2, thop,
+    tabulate, ...), so that no extra package is needed to import them: ``stubs`` maps a module name to the
+    attributes its stand-in holds. A module that is installed is left alone. ``pkg_resources`` (gone from current
+    setuptools; the references only read ``pkg_resources.packaging``) is usually among them."""
     import importlib.machinery
-    import types
 
-    def _missing(module_name):
-        def placeholder(*args, **kwargs):
-            return ""
-        placeholder.__qualname__ = module_name
-        return placeholder
+    import packaging.version  # noqa: F401  (so that sys.modules["packaging"].version exists for a stand-in)
+    import torchvision  # noqa: F401  (imported before the stand-ins: torch._dynamo probes installed modules)
 
-    for name in names:
-        if name in sys.modules:
-            continue
+    for name, attributes in stubs.items():
         try:
-            __import__(name)
-            continue
+            importlib.import_module(name)
         except ImportError:
-            pass
-        module = types.ModuleType(name)
-        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
-
-        def __getattr__(attribute, _name=name):
-            if attribute.startswith("__"):
-                raise AttributeError(attribute)
-            return _missing(f"{_name}.{attribute}")
-
-        module.__getattr__ = __getattr__  # type: ignore[attr-defined]
-        sys.modules[name] = module
+            module = types.ModuleType(name)
+            module.__spec__ = importlib.machinery.ModuleSpec(name, loader=None)
+            module.__dict__.update(attributes)
+            sys.modules[name] = module
 
 
-def shim_pkg_resources() -> None:
-    """The reference code does ``from pkg_resources import packaging`` (for a torch version check); current
-    setuptools no longer ships pkg_resources, so give it a module holding the real ``packaging``."""
-    import types
+def pkg_resources_stub() -> dict[str, dict]:
+    """The stand-in for ``pkg_resources``: a module holding the real ``packaging``."""
+    import packaging.version  # noqa: F401
 
-    try:
-        import pkg_resources  # noqa: F401
-        return
-    except ImportError:
-        import packaging.version
+    return {"pkg_resources": {"packaging": sys.modules["packaging"]}}
 
-        module = types.ModuleType("pkg_resources")
-        module.packaging = packaging  # type: ignore[attr-defined]
-        sys.modules["pkg_resources"] = module
+
+def load_script(checkout: Path, name: str, prefix: str):
+    """Import the checkout's ``<name>.py`` (train.py / test.py) under a private module name (``test`` is also a
+    stdlib package)."""
+    spec = importlib.util.spec_from_file_location(f"_{prefix}_reference_{name}", checkout / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Patches:
+    """Set attributes, remember the originals, undo them all."""
+
+    def __init__(self):
+        self._undo = []
+
+    def set(self, owner, name, value):
+        self._undo.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, value)
+
+    def undo(self):
+        for owner, name, value in reversed(self._undo):
+            setattr(owner, name, value)
+        self._undo.clear()

@@ -27,15 +27,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
 import sys
 
 import numpy as np
 import torch
 
-from .common import (REF_IMAGE_SIZE, checkout_commit, reference_images, reference_state_dict, shim_pkg_resources,
-                     stub_modules,
-                     use_checkout, write)
+from .common import (REF_IMAGE_SIZE, checkout_commit, load_script, pkg_resources_stub, reference_images,
+                     reference_state_dict, stub_modules, use_checkout, write)
 
 REPOSITORY = "AlirezaSalehy/Crane"
 COMMIT = "39181f9"
@@ -174,9 +172,10 @@ def _train_loss(model, prompt_learner, args, images, masks, labels) -> dict:
 
 def main(ref: str, dinov2: str | None = None) -> None:
     checkout = use_checkout(ref)
-    shim_pkg_resources()
-    stub_modules("cv2", "albumentations", "torchmetrics", "tabulate", "termcolor", "humanhash")
-    test_module = importlib.import_module("test")
+    stub_modules({"cv2": {}, "albumentations": {}, "torchmetrics": {"AUROC": None, "AveragePrecision": None},
+                  "tabulate": {"tabulate": lambda *a, **k: ""}, "termcolor": {"colored": lambda text, *a, **k: text},
+                  "humanhash": {}, **pkg_resources_stub()})
+    test_module = load_script(checkout, "test", "crane")
     images = reference_images()
     masks = torch.zeros(2, REF_IMAGE_SIZE, REF_IMAGE_SIZE)
     masks[1, 60:140, 90:200] = 1.0

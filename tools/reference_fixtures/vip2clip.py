@@ -43,18 +43,14 @@ inputs/outputs with test.py's formula: top-k of softmax(cos / 0.07)[anomalous]).
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.machinery
-import importlib.util
-import sys
 import tempfile
-import types
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .common import REF_IMAGE_SIZE, reference_images, reference_state_dict, use_checkout, write
+from .common import (REF_IMAGE_SIZE, Patches, load_script, pkg_resources_stub, reference_images,
+                     reference_state_dict, stub_modules, use_checkout, write)
 
 REPOSITORY = "kim0806/ViP2-CLIP"
 COMMIT = "4b5884f"
@@ -94,43 +90,7 @@ class _ImageSet(torch.utils.data.Dataset):
 
 
 def _stub_unused_modules() -> None:
-    import packaging.version  # noqa: F401
-    import torchvision  # noqa: F401  (before the stubs: torch._dynamo probes installed modules)
-
-    stubs = {"cv2": {}, "tabulate": {"tabulate": lambda *a, **k: ""},
-             "pkg_resources": {"packaging": sys.modules["packaging"]}}
-    for name, attributes in stubs.items():
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            module = types.ModuleType(name)
-            module.__spec__ = importlib.machinery.ModuleSpec(name, loader=None)
-            module.__dict__.update(attributes)
-            sys.modules[name] = module
-
-
-def _load_script(checkout: Path, name: str):
-    """Import the checkout's train.py / test.py under a private name (``test`` is also a stdlib package)."""
-    spec = importlib.util.spec_from_file_location(f"_vip2clip_reference_{name}", checkout / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-class _Patches:
-    """Set attributes, remember the originals, undo them all."""
-
-    def __init__(self):
-        self._undo = []
-
-    def set(self, owner, name, value):
-        self._undo.append((owner, name, getattr(owner, name)))
-        setattr(owner, name, value)
-
-    def undo(self):
-        for owner, name, value in reversed(self._undo):
-            setattr(owner, name, value)
-        self._undo.clear()
+    stub_modules({"cv2": {}, "tabulate": {"tabulate": lambda *a, **k: ""}, **pkg_resources_stub()})
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -148,14 +108,15 @@ class _Reference:
         for module in (prompt_learner, VIP2CLIP_lib):
             assert str(Path(module.__file__).resolve()).startswith(str(checkout)), module.__file__
         self.prompt_learner = prompt_learner
-        self.train_py, self.test_py = _load_script(checkout, "train"), _load_script(checkout, "test")
+        self.train_py = load_script(checkout, "train", "vip2clip")
+        self.test_py = load_script(checkout, "test", "vip2clip")
         self.workdir = workdir
         self.weights = workdir / "tiny_ref_openai.pt"
         state = reference_state_dict()
         self.joint_width = int(state["text_projection"].shape[1])
         self.text_width = int(state["ln_final.weight"].shape[0])
         torch.save(state, self.weights)
-        self.patches = _Patches()
+        self.patches = Patches()
         self.record: dict[str, list] = {}
         self.reset()
         reference = self
