@@ -34,7 +34,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import open_clip
 import torch
@@ -412,6 +412,36 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def try_download(download: Callable[[], str | None], unavailable: str = "") -> tuple[str | None, str]:
+    """Run ``download()`` (returns a file path) unless the hub is off or unreachable, with the hub's logging quiet.
+
+    Returns (path, "") on success, else (None, reason): ``unavailable`` when given (e.g. "the tag has no Hugging
+    Face repository"), "HF_HUB_OFFLINE=1 is set", "the hub is unreachable from this machine", or what failed. Any
+    hub or network failure becomes that reason, for one clear error message at the caller.
+    """
+    import logging
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    if offline:
+        return None, "HF_HUB_OFFLINE=1 is set"
+    if unavailable:
+        return None, unavailable
+    if not _hub_reachable():
+        return None, "the hub is unreachable from this machine"
+    quiet = logging.getLogger("huggingface_hub")
+    previous = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        path = download()
+        if path and Path(path).is_file():
+            return str(path), ""
+        return None, "the download gave no file"
+    except Exception as error:  # noqa: BLE001 - any hub/network failure becomes one clear message
+        return None, f"the download failed ({type(error).__name__})"
+    finally:
+        quiet.setLevel(previous)
+
+
 def _download_tag(name: str, tag: str, cache_dir: str | None) -> str:
     """Path of the weights for an open_clip (name, tag), from the cache or the hub; one clear error if absent."""
     cfg = open_clip.get_pretrained_cfg(name, tag)
@@ -420,27 +450,9 @@ def _download_tag(name: str, tag: str, cache_dir: str | None) -> str:
     cached = _cached_hub_file(cfg, cache_dir)
     if cached:
         return cached
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    reason = ""
-    if offline:
-        reason = "HF_HUB_OFFLINE=1 is set"
-    elif not _hub_reachable():
-        reason = "the hub is unreachable from this machine"
-    if not reason:
-        import logging
-
-        quiet = logging.getLogger("huggingface_hub")
-        previous = quiet.level
-        quiet.setLevel(logging.CRITICAL)
-        try:
-            path = open_clip.download_pretrained(cfg, cache_dir=cache_dir)
-            if path and Path(path).is_file():
-                return str(path)
-            reason = "the download gave no file"
-        except Exception as error:  # noqa: BLE001 - any hub/network failure becomes one clear message
-            reason = f"the download failed ({type(error).__name__})"
-        finally:
-            quiet.setLevel(previous)
+    path, reason = try_download(lambda: open_clip.download_pretrained(cfg, cache_dir=cache_dir))
+    if path:
+        return path
     raise WeightsNotFoundError(
         f"weights for {name} (pretrained={tag!r}) are not on this machine: looked in {where} for "
         f"'{hub_id}' and {reason}; download them where the hub is reachable and pass "

@@ -58,7 +58,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .backbone import BackboneError, WeightsNotFoundError, _hf_cache_dir, _hub_reachable, _is_file_spec, _weights_sha256
+from .backbone import BackboneError, WeightsNotFoundError, _hf_cache_dir, _is_file_spec, _weights_sha256, try_download
 from .data.transforms import OPENAI_MEAN, OPENAI_STD
 from .utils import resolve_device, seeded, state_mismatch
 
@@ -244,31 +244,14 @@ def _download_dino_tag(name: str, arch: str, tag: str, cache_dir: str | None) ->
     where = f"{cache_dir or _hf_cache_dir()} (for '{repo_id}')"
     if hub_file:
         where += f" and {Path(torch.hub.get_dir()) / 'checkpoints' / hub_file}"
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    reason = ""
-    if offline:
-        reason = "HF_HUB_OFFLINE=1 is set"
-    elif not repo_id:
-        reason = "the tag has no Hugging Face repository"
-    elif not _hub_reachable():
-        reason = "the hub is unreachable from this machine"
-    if not reason:
-        import logging
-
+    def download() -> str:
         from huggingface_hub import hf_hub_download
 
-        quiet = logging.getLogger("huggingface_hub")
-        previous = quiet.level
-        quiet.setLevel(logging.CRITICAL)
-        try:
-            path = hf_hub_download(repo_id, names[0], cache_dir=cache_dir)
-            if path and Path(path).is_file():
-                return str(path)
-            reason = "the download gave no file"
-        except Exception as error:  # noqa: BLE001 - any hub/network failure becomes one clear message
-            reason = f"the download failed ({type(error).__name__})"
-        finally:
-            quiet.setLevel(previous)
+        return hf_hub_download(repo_id, names[0], cache_dir=cache_dir)
+
+    path, reason = try_download(download, "" if repo_id else "the tag has no Hugging Face repository")
+    if path:
+        return path
     raise WeightsNotFoundError(
         f"weights for DINOv2 {name} (pretrained={tag!r}) are not on this machine: looked in {where} and "
         f"{reason}; download them where the hub is reachable and pass pretrained='/path/to/model.safetensors' "
