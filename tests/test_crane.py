@@ -188,6 +188,25 @@ def test_dattn_weights_formula():
     assert torch.allclose(alone[0], weights[0], atol=1e-6) and not torch.allclose(batch[0], weights[0])
 
 
+def test_dattn_empty_rows():
+    """Identical tokens put every similarity at the mean, below 1.2 x mean: every row is empty. The reference gives
+    NaN; "self" attends to the patch itself."""
+    tokens = torch.ones(1, 4, 2, 2)
+    assert torch.isnan(dattn_weights(tokens, beta=1.2, gamma=3.0, mean="image")).all()
+    assert torch.equal(dattn_weights(tokens, beta=1.2, gamma=3.0, mean="image", empty_rows="self")[0], torch.eye(4))
+    mixed = torch.randn(2, 5, 3, 3)
+    assert torch.equal(dattn_weights(mixed, 1.2, 3.0, "image", "self"), dattn_weights(mixed, 1.2, 3.0, "image"))
+
+
+def test_tiny_fallback_builds_crane_plus_with_a_tiny_dino(tiny_images):
+    from zsadlib.methods import build_method_or_tiny
+
+    method = build_method_or_tiny("crane_plus", image_size=TINY_SIZE, device="cpu", announce=lambda message: None)
+    assert method.dino.info["random_weights"] and method.config.dattn_empty_rows == "self"
+    out = method(tiny_images)
+    assert torch.isfinite(out.maps).all() and torch.isfinite(out.scores).all()
+
+
 def _plus(backbone, **overrides):
     method = get_method_class("crane_plus")(CranePlusConfig(backbone="tiny", pretrained=None,
                                                             image_size=TINY_SIZE).replace(**overrides),

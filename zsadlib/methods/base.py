@@ -135,6 +135,8 @@ class AnomalyMethod(nn.Module):
     uses_class_names: ClassVar[bool] = False  # whether the class name enters the prompts
     trainable: ClassVar[bool] = False  # whether it has learned parameters (prompt learning)
     paper: ClassVar[str] = ""
+    tiny_overrides: ClassVar[dict[str, Any]] = {}  # config fields for smoke runs on the tiny backbone (e.g. a tiny
+    # second backbone), applied by build_method_or_tiny's fallback unless the caller sets them
 
     def __init__(self, config: MethodConfig, backbone: Backbone):
         super().__init__()
@@ -262,6 +264,7 @@ def build_method_or_tiny(
         size = max(14, wanted - wanted % 14)
         announce(f"{error}; running {name} on the tiny random-weight backbone at {size}px instead: "
                  "its outputs mean nothing")
+        overrides = {**get_method_class(name).tiny_overrides, **overrides}
         return build_method(name, backbone=TINY_MODEL, pretrained=None, image_size=size, device=device, **overrides)
 
 

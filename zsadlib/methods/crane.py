@@ -123,6 +123,9 @@ class CraneConfig(MethodConfig):
     dattn_mean: str = "image"  # OUR deviation: mean(S) per image; "batch" = the reference's mean over the batch
     dattn_with_eattn: bool = True  # --both_eattn_dattn True: entries [D-Attn, E-Attn] per tapped layer
     dattn_value_source: str = "mid_block"  # quirk (see module doc); "block_input" as the paper describes
+    dattn_empty_rows: str = "nan"  # a patch whose every similarity falls below beta * mean(S) (itself included) has
+    # no key left: "nan" = softmax of all -inf, as the reference; "self" = it attends to itself (OUR choice for
+    # smoke runs with random DINOv2 weights, whose near-identical tokens empty every row)
 
 
 @dataclass
@@ -148,11 +151,13 @@ class CraneFeatures:
     grid: tuple[int, int]
 
 
-def dattn_weights(dino_tokens: torch.Tensor, beta: float, gamma: float, mean: str) -> torch.Tensor:
+def dattn_weights(dino_tokens: torch.Tensor, beta: float, gamma: float, mean: str,
+                  empty_rows: str = "nan") -> torch.Tensor:
     """D-Attn attention [B, M, M] from DINO patch tokens [B, C, h, w] (M = h * w).
 
     S = cos(token_i, token_j); T = gamma * (S - beta * mean(S)); T < 0 -> -inf; softmax over j. ``mean``: "image"
-    (per image) or "batch" (the reference: one mean over the whole batch).
+    (per image) or "batch" (the reference: one mean over the whole batch). ``empty_rows``: rows with no T >= 0 give
+    NaN ("nan", the reference) or attend to their own patch only ("self").
     """
     flat = F.normalize(dino_tokens.flatten(2).float(), dim=1)  # [B, C, M]
     similarity = flat.transpose(1, 2) @ flat  # [B, M, M]
@@ -161,8 +166,11 @@ def dattn_weights(dino_tokens: torch.Tensor, beta: float, gamma: float, mean: st
     else:
         centre = similarity.mean(dim=(1, 2), keepdim=True)
     logits = (similarity - centre * beta) * gamma
-    logits = logits.masked_fill(logits < 0, float("-inf"))
-    return logits.softmax(dim=-1)
+    dropped = logits < 0
+    if empty_rows == "self":
+        empty = dropped.all(dim=-1, keepdim=True)  # [B, M, 1]
+        dropped = dropped & ~(empty & torch.eye(logits.shape[-1], dtype=torch.bool, device=logits.device))
+    return logits.masked_fill(dropped, float("-inf")).softmax(dim=-1)
 
 
 def resize_tokens(tokens: torch.Tensor, grid: Sequence[int], new_grid: Sequence[int]) -> torch.Tensor:
@@ -222,7 +230,8 @@ class Crane(AnomalyMethod):
         check_layers(config.layers, backbone)
         check_options(config, attention=("qkv_sum", "vv"), layer_fusion=("soft_mean", "logit_mean"),
                       context_guidance=("pad_suffix", "none"), train_interpolation=("nearest", "bilinear"),
-                      dattn_mean=("image", "batch"), dattn_value_source=("mid_block", "block_input"))
+                      dattn_mean=("image", "batch"), dattn_value_source=("mid_block", "block_input"),
+                      dattn_empty_rows=("nan", "self"))
         check_map_settings(config)
         if config.train_image_temperature <= 0:
             raise MethodError(f"train_image_temperature must be > 0, got {config.train_image_temperature}")
@@ -237,8 +246,10 @@ class Crane(AnomalyMethod):
     def _load_dino(config: CraneConfig, backbone: Backbone):
         from ..dino import load_dino
 
+        # the tiny (smoke-run) DINOv2 takes CLIP's patch size, so that any CLIP input size fits it
+        extra = {"patch_size": backbone.patch_size} if config.dino_model == "tiny" else {}
         return load_dino(config.dino_model, pretrained=config.dino_pretrained, image_size=backbone.image_size,
-                         device=backbone.device)
+                         device=backbone.device, **extra)
 
     # -- vision --------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -272,7 +283,8 @@ class Crane(AnomalyMethod):
         config = self.config
         dino_tokens = self.dino.patch_features(images)  # [B, C, h', w']
         dino_grid = tuple(dino_tokens.shape[-2:])
-        weights = dattn_weights(dino_tokens, config.dattn_beta, config.dattn_gamma, config.dattn_mean)
+        weights = dattn_weights(dino_tokens, config.dattn_beta, config.dattn_gamma, config.dattn_mean,
+                                config.dattn_empty_rows)
         by_layer = dict(zip(features.layers, features.block_inputs))
         entries = []
         for layer, eattn in zip(self.layers, eattn_tokens):
@@ -435,4 +447,6 @@ class CranePlus(Crane):
 
     name = "crane_plus"
     config_class = CranePlusConfig
+    # smoke runs: a tiny random DINOv2 too, whose near-identical tokens leave D-Attn rows empty (see dattn_empty_rows)
+    tiny_overrides = {"dino_model": "tiny", "dino_pretrained": None, "dattn_empty_rows": "self"}
     paper = "Crane+ (Salehi et al., 2025, arXiv 2504.11055), D-Attn"
