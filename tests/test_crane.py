@@ -1,4 +1,6 @@
 """Crane / Crane+ on the tiny random-weight backbone (112 px, 8 x 8 patches): contract, formulas, quirks, training."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -146,7 +148,7 @@ def test_guidance_probability_zero_uses_static_prompts(tiny_backbone, tiny_image
 def test_reference_checkpoint_round_trip(method, tmp_path):
     state = method.learned_state_dict()
     reference = {"ctx_pos": state["text.context"][0][None, None] + 1, "ctx_neg": state["text.context"][1][None, None],
-                 "tokenized_prompts_pos": torch.zeros(1, 1, 77)}
+                 "tokenized_prompts_pos": method.text.token_ids[0][None, None].int()}
     for index, tokens in enumerate(state["text.deep_prompts"]):
         reference[f"compound_prompts_text.{index}"] = tokens
     path = tmp_path / "epoch_5.pth"
@@ -157,6 +159,20 @@ def test_reference_checkpoint_round_trip(method, tmp_path):
     torch.save({"prompt_learner": {"ctx_pos": torch.zeros(1, 1, 5, 32), "ctx_neg": torch.zeros(1, 1, 5, 32)}}, path)
     with pytest.raises(MethodError, match="epoch_5.pth"):
         fresh.load_reference_checkpoint(path)
+    reference["tokenized_prompts_pos"] = method.text.token_ids[1][None, None].int()  # another prompt's tokens
+    torch.save({"prompt_learner": reference}, path)
+    with pytest.raises(MethodError, match="tokenized_prompts_pos differ"):
+        fresh.load_reference_checkpoint(path)
+
+
+@pytest.mark.skipif(not os.environ.get("ZSAD_CRANE_CHECKPOINT"),
+                    reason="set ZSAD_CRANE_CHECKPOINT to a released Crane checkpoint (checkpoints/*/epoch_5.pth)")
+def test_released_checkpoint_loads_at_vit_l():
+    """The authors' released prompt learners fit the ViT-L/14@336 configuration exactly (random CLIP weights)."""
+    method = build_method("crane", pretrained=None, device="cpu")
+    method.load_reference_checkpoint(os.environ["ZSAD_CRANE_CHECKPOINT"])
+    state = torch.load(os.environ["ZSAD_CRANE_CHECKPOINT"], map_location="cpu", weights_only=True)["prompt_learner"]
+    assert torch.equal(method.text.context[1], state["ctx_neg"][0, 0].float())
 
 
 @pytest.mark.parametrize("overrides, message", [

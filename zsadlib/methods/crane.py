@@ -431,6 +431,13 @@ class Crane(AnomalyMethod):
         """Load a checkpoint of the authors' ``train.py`` (``{"prompt_learner": state_dict}``), e.g.
         ``checkpoints/trained_on_visa_crane/epoch_5.pth``; shapes are checked strictly."""
         state = torch.load(str(path), map_location="cpu", weights_only=True)
+        learner = state.get("prompt_learner", state) if isinstance(state, dict) else state
+        for index, key in enumerate(("tokenized_prompts_pos", "tokenized_prompts_neg")):
+            if key in learner:  # the prompts it was trained with must be ours (n_ctx, templates)
+                theirs = learner[key].reshape(-1)[:self.text.token_ids.shape[1]].long().cpu()
+                if not torch.equal(theirs, self.text.token_ids[index].long().cpu()):
+                    raise MethodError(f"{path}: its {key} differ from this config's prompt "
+                                      f"{self.text.prompt_texts[index]!r} (n_ctx or prompt_templates)")
         self.load_learned_state_dict(convert_reference_state_dict(state), source=str(path))
 
     def describe(self, class_names: Sequence[str] | None = None) -> dict:
