@@ -215,6 +215,28 @@ def test_training_loss_is_focal_plus_dice_per_layer(method, tiny_images, masks):
     assert float(loss.detach()) == pytest.approx(focal + dice, rel=1e-4)
 
 
+def test_float_training_masks_are_anomalous_strictly_above_one_half(method, tiny_images, masks):
+    """Float masks (e.g. resized with interpolation) count a pixel anomalous when its value is > 0.5: exactly 0.5
+    is normal. The loss with such float masks equals the loss with the bool masks they stand for."""
+    from zsadlib.methods.base import mask_targets
+
+    values = torch.tensor([0.0, 0.25, 0.5, float(np.nextafter(0.5, 1.0)), 0.75, 1.0])
+    grid = values.repeat(TINY_SIZE * TINY_SIZE // values.numel() + 1)[: TINY_SIZE * TINY_SIZE]
+    floats = grid.reshape(1, TINY_SIZE, TINY_SIZE).repeat(3, 1, 1)
+    floats[0] = torch.where(masks[0], 1.0, 0.5)  # image 0: the fixture's box, exactly 0.5 elsewhere
+    target = mask_targets(floats[:, None], tiny_images, "cpu")
+    assert target.dtype == torch.bool and target.shape == (3, TINY_SIZE, TINY_SIZE)
+    assert torch.equal(target[0], masks[0])
+    assert not bool(target[1][grid.reshape(TINY_SIZE, TINY_SIZE) == 0.5].any())
+    assert bool(target[1][grid.reshape(TINY_SIZE, TINY_SIZE) > 0.5].all())
+    bools = torch.stack([masks[0], target[1], target[2]])
+    labels = torch.tensor([1, 1, 1])
+    with torch.no_grad():
+        from_floats, _ = method.training_loss(tiny_images, floats, labels, NAMES)
+        from_bools, _ = method.training_loss(tiny_images, bools, labels, NAMES)
+    assert float(from_floats) == float(from_bools)
+
+
 def test_training_gradients_reach_only_the_adapters(tiny_backbone, tiny_images, masks):
     fresh = build_method("april_gan", backbone=tiny_backbone, dice_on_normal=True)
     loss, parts = fresh.training_loss(tiny_images, masks, torch.tensor([1, 0, 1]), NAMES)

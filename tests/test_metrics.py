@@ -120,11 +120,35 @@ def test_aupro_linear200_scores_exactly_on_thresholds(dtype):
     assert ours == pytest.approx(plain_aupro_linear200(masks, maps), abs=TOL)
 
 
-def test_aupro_linear200_reference_relabelling_same():
+def test_aupro_linear200_matches_the_reference_relabelling_at_every_threshold():
+    # the released reference code relabels the regions at every threshold; zsadlib labels them once
     masks, maps = make_set(7, n=4, h=16, w=16)
-    assert plain_aupro_linear200(masks, maps, relabel_each_threshold=True) == pytest.approx(
-        plain_aupro_linear200(masks, maps), abs=1e-12
+    assert M.aupro(masks, maps, "linear200") == pytest.approx(
+        plain_aupro_linear200(masks, maps, relabel_each_threshold=True), abs=TOL
     )
+
+
+def test_aupro_linear200_drops_a_threshold_exactly_at_max_fpr():
+    # 10 normal pixels with scores 0.1 .. 1.0 (FPR steps of exactly 1/10) and 10 anomalous pixels in two
+    # regions; on the 200-step grid of [0, 1] the thresholds 0.7 .. 0.795 give FPR 3/10 == 0.3 exactly, so
+    # keeping FPR <= 0.3 instead of < 0.3 adds those points and moves the normalised area
+    masks = np.zeros((1, 4, 5), dtype=bool)
+    masks[0, :2, :2] = True
+    masks[0, 2:, 3:] = True
+    masks[0, 0, 4] = masks[0, 1, 4] = True
+    normal = np.arange(1, 11, dtype=np.float64) / 10
+    anomalous = np.array([0.0, 0.35, 0.55, 0.65, 0.72, 0.75, 0.78, 0.85, 0.93, 0.97])
+    maps = np.zeros(masks.shape)
+    maps[~masks] = normal
+    maps[masks] = anomalous
+    grid = M.linear200_thresholds(maps.min(), maps.max(), np.float64)
+    fprs = np.array([(normal > t).sum() / normal.size for t in grid])
+    assert (fprs == 0.3).sum() >= 2  # the case under test: grid points exactly on max_fpr
+    strict = plain_aupro_linear200(masks, maps)
+    assert strict != pytest.approx(plain_aupro_linear200(masks, maps, expect_fpr=np.nextafter(0.3, 1.0)), abs=1e-3)
+    assert M.aupro(masks, maps, "linear200") == pytest.approx(strict, abs=1e-12)
+    with pytest.warns(UndefinedMetricWarning, match="no image labels"):
+        assert M.compute(None, None, masks, maps)["aupro_linear200"] == pytest.approx(strict, abs=1e-12)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
@@ -238,11 +262,39 @@ def full_compute(labels, scores, masks, maps, **kw):
         return M.compute(labels, scores, masks, maps, **kw)
 
 
-def test_compute_keys_and_range():
+@pytest.mark.parametrize("levels", [None, 6])
+def test_compute_every_key_matches_sklearn_and_the_plain_loops(levels):
+    # each key of compute() against an independent implementation (scikit-learn / plain_metrics), so a key
+    # computed from the wrong statistic (image AP from the AUROC, F1 from the pixel set, ...) shows up
+    masks, maps = make_set(2, levels=levels)
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 2, 40)  # the image metrics take their own set (compute does not tie them to masks)
+    scores = rng.random(labels.size) + 0.3 * labels
+    if levels:
+        scores = np.round(scores * 3) / 3
+    out = full_compute(labels, scores, masks, maps)
+    assert tuple(out) == M.METRIC_KEYS
+    expected = {
+        "image_auroc": roc_auc_score(labels, scores),
+        "image_ap": average_precision_score(labels, scores),
+        "image_f1_max": sk_f1_max(labels, scores),
+        "pixel_auroc": roc_auc_score(masks.ravel(), maps.ravel()),
+        "pixel_ap": average_precision_score(masks.ravel(), maps.ravel()),
+        "pixel_f1_max": sk_f1_max(masks.ravel(), maps.ravel()),
+        "aupro_mvtec": plain_aupro_mvtec(masks, maps),
+        "aupro_linear200": plain_aupro_linear200(masks, maps),
+    }
+    assert set(expected) == set(M.METRIC_KEYS)
+    # the keys differ from each other here, so a swapped key cannot pass by coincidence
+    assert len({round(v, 6) for v in expected.values()}) == len(expected)
+    for key, want in expected.items():
+        assert out[key] == pytest.approx(want, abs=TOL), key
+
+
+def test_compute_keys_and_variant_selection():
     masks, maps = make_set(2)
     out = full_compute(masks.any((1, 2)), maps.max((1, 2)), masks, maps)
     assert tuple(out) == M.METRIC_KEYS
-    assert all(0.0 <= v <= 1.0 for v in out.values())
     only = M.compute(masks.any((1, 2)), maps.max((1, 2)), masks, maps, aupro_variants=("mvtec",))
     assert "aupro_linear200" not in only and only["aupro_mvtec"] == out["aupro_mvtec"]
 

@@ -140,8 +140,20 @@ def test_gaussian_blur_float64_leading_dims_and_sigma_zero():
     np.testing.assert_array_equal(same.numpy(), maps)
 
 
+@pytest.mark.parametrize("sigma", [0.6, 1.2, 1.3, 2.6, 3.9])
+def test_gaussian_blur_radius_rounding_matches_scipy(sigma):
+    # sigmas where 4 * sigma has a fractional part on either side of 0.5, so a radius of int(4 sigma),
+    # ceil(4 sigma) or round-half-down instead of scipy's int(4 sigma + 0.5) changes the result
+    maps = rng(11).random(size=(2, 23, 19))
+    expected = np.stack([ndimage.gaussian_filter(m, sigma, mode="reflect", truncate=4.0) for m in maps])
+    got = ops.gaussian_blur(torch.from_numpy(maps), sigma)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-6)
+    got32 = ops.gaussian_blur(torch.from_numpy(maps.astype(np.float32)), sigma)
+    np.testing.assert_allclose(got32.numpy(), expected, rtol=0, atol=1e-6)
+
+
 def test_gaussian_kernel_radius_follows_scipy():
-    for sigma in (0.5, 1.0, 4.0, 8.0):
+    for sigma in (0.5, 1.0, 1.2, 2.6, 4.0, 8.0):
         kernel = ops.gaussian_kernel1d(sigma)
         assert kernel.numel() == 2 * int(4.0 * sigma + 0.5) + 1
         assert float(kernel.sum()) == pytest.approx(1.0)

@@ -1,8 +1,10 @@
 """The training engine on the tiny random-weight backbone (112 px): frozen backbone, deterministic resume,
 checkpoint files and loading, bad input."""
 import json
+import random
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -184,6 +186,71 @@ def test_resume_after_a_kill_is_bit_identical(uninterrupted, fresh, small_set, t
     final_a = load_file(str(dir_a / "learned.safetensors"))
     final_c = load_file(str(tmp_path / "learned.safetensors"))
     assert all(torch.equal(final_a[k], final_c[k]) for k in final_a)
+
+
+class DrawingToy(ImageOnlyToy):
+    """A toy whose loss draws from one global RNG at every step (as a method with dropout or a random
+    augmentation would): a resumed run repeats the uninterrupted one only if the checkpoint restores that RNG."""
+
+    name = "toy_drawing"
+
+    def __init__(self, config, backbone, source):
+        super().__init__(config, backbone)
+        self.source = source
+        self.head = torch.nn.Linear(3, 2)
+
+    def _logits(self, images):
+        return self.head(images.mean(dim=(2, 3)))
+
+    def training_loss(self, images, masks, labels, class_names):
+        if self.source == "torch":
+            noise = torch.randn(len(images), 2)
+        elif self.source == "numpy":
+            noise = torch.from_numpy(np.random.standard_normal((len(images), 2))).float()
+        else:
+            noise = torch.tensor([[random.gauss(0.0, 1.0) for _ in range(2)] for _ in images])
+        loss = image_cross_entropy(self._logits(images) + noise, labels)
+        return loss, {"image": float(loss.detach())}
+
+
+def scramble_global_rngs(seed):
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+@pytest.mark.parametrize("source", ["torch", "numpy", "python"])
+def test_resume_restores_the_global_rng_state(source, small_set, tiny_backbone, tmp_path):
+    def toy():
+        method = DrawingToy(MethodConfig(backbone="tiny", pretrained=None, image_size=TINY_SIZE), tiny_backbone,
+                            source)
+        torch.nn.init.constant_(method.head.weight, 0.1)  # one start for every run
+        torch.nn.init.constant_(method.head.bias, 0.0)
+        return method
+
+    config = quick_config(checkpoint_every=2)
+    scramble_global_rngs(1)
+    train(toy(), small_set, tmp_path / "a", config, progress=False)
+
+    def kill_after_five(record):
+        if record["step"] == 5:
+            raise Kill
+
+    scramble_global_rngs(2)
+    with pytest.raises(Kill):
+        train(toy(), small_set, tmp_path / "b", config, progress=False, callback=kill_after_five)
+    scramble_global_rngs(3)  # a new process: its global RNGs are wherever they are
+    resumed = train(toy(), small_set, tmp_path / "b", config, progress=False)
+    assert resumed.resumed_from_step == 4 and resumed.finished
+    log_a, log_b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
+    assert [r["step"] for r in log_b] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in log_b] == [r["loss"] for r in log_a]
+    # and the draws matter: a fresh run from other global RNG states gives other losses
+    with torch.no_grad():
+        scramble_global_rngs(4)
+        one = toy().training_loss(torch.ones(2, 3, 4, 4), None, torch.tensor([0, 1]), ["a", "b"])[0]
+        two = toy().training_loss(torch.ones(2, 3, 4, 4), None, torch.tensor([0, 1]), ["a", "b"])[0]
+    assert float(one) != float(two)
 
 
 def test_stop_after_steps_writes_nothing_extra_and_resumes(uninterrupted, fresh, small_set, tmp_path):
