@@ -207,15 +207,58 @@ def test_visual_prompts_depend_on_image_and_layer(method, tiny_images):
                                   atol=1e-4)
 
 
-def test_per_prompt_visual_terms_and_no_deep_prompts(tiny_backbone, tiny_images):
-    other = build_method("genclip", backbone=tiny_backbone, mvp_per_prompt=True, deep_prompts=False,
-                         mvp_hidden=8, mvp_activation="gelu")
+@pytest.mark.parametrize("per_prompt", [False, True])
+def test_visual_prompts_and_enhanced_text_follow_the_formula(per_prompt, tiny_backbone, tiny_images):
+    """MVP with fixed, distinct weights per layer against a plain computation written from the formula:
+    V_l = fc2_l(act(fc1_l(mean_patches(normalize(P_l))))) from layer l's OWN patch tokens, split into P' rows of W
+    (row 0 normal, row 1 abnormal with ``mvp_per_prompt``), and the enhanced text of layer l and prompt p = the text
+    tower on "X ... X {name}." with the context tokens replaced by C_p + V_l[p]."""
+    other = build_method("genclip", backbone=tiny_backbone, mvp_per_prompt=per_prompt, mvp_hidden=8,
+                         mvp_activation="gelu" if per_prompt else "relu", deep_prompts=not per_prompt)
+    width, prompts = tiny_backbone.text_width, 2 if per_prompt else 1
     shapes = {k: tuple(v.shape) for k, v in other.learned_state_dict().items()}
-    width = tiny_backbone.text_width
-    assert "text.deep_prompts" not in shapes
-    assert shapes["mvp.0.fc1.weight"] == (8, tiny_backbone.embed_dim) and shapes["mvp.3.fc2.weight"] == (2 * width, 8)
-    out = other(tiny_images, ["bottle"] * 3)
-    assert out.extras["visual_prompts"].shape == (3, 4, 2, width)
+    assert ("text.deep_prompts" in shapes) == (not per_prompt)
+    assert shapes["mvp.0.fc1.weight"] == (8, tiny_backbone.embed_dim)
+    assert shapes["mvp.3.fc2.weight"] == (prompts * width, 8)
+    weights = []
+    with torch.no_grad():
+        for layer, mlp in enumerate(other.mvp):  # distinct weights per layer, large enough to matter
+            generator = torch.Generator().manual_seed(1000 + layer)
+            w1 = torch.randn(mlp.fc1.weight.shape, generator=generator) * (1 + layer)
+            b1 = torch.randn(mlp.fc1.bias.shape, generator=generator)
+            w2 = torch.randn(mlp.fc2.weight.shape, generator=generator) * 0.05
+            b2 = torch.randn(mlp.fc2.bias.shape, generator=generator) * 0.05
+            for param, value in zip((mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias), (w1, b1, w2, b2)):
+                param.copy_(value)
+            weights.append((w1, b1, w2, b2))
+        out = other(tiny_images, ["bottle"] * 3)
+        features = tiny_backbone.forward_features(tiny_images, layers=LAYERS, dense_from=6, global_ln_post=True)
+        act = F.gelu if per_prompt else F.relu
+        expected = []
+        for (w1, b1, w2, b2), patches in zip(weights, features.patch_embeddings):
+            pooled = F.normalize(patches, dim=-1).mean(dim=1)  # [B, D]
+            expected.append((act(pooled @ w1.T + b1) @ w2.T + b2).reshape(3, prompts, width))
+        expected = torch.stack(expected, dim=1)  # [B, L, P', W]
+        visual = out.extras["visual_prompts"]
+        assert visual.shape == (3, 4, prompts, width)
+        torch.testing.assert_close(visual, expected, atol=1e-5, rtol=1e-5)
+        for a in range(4):  # the layers' terms differ, so a swap of layers cannot pass
+            for b in range(a):
+                assert (expected[:, a] - expected[:, b]).abs().max() > 1e-2
+
+        marker = int(tiny_backbone.tokenize(["X"])[0, 1])
+        embedding = tiny_backbone.model.token_embedding
+        text = out.extras["text_features_enhanced"]  # [B, L, 2, D]
+        for p, template in enumerate(("{} bottle.", "{} damaged bottle.")):
+            ids = tiny_backbone.tokenize([template.replace("{}", " ".join(["X"] * other.text.n_ctx))])[0]
+            spots = ids == marker
+            assert int(spots.sum()) == other.text.n_ctx
+            for image in (0, 2):
+                for layer in range(4):
+                    tokens = embedding(ids).clone()
+                    tokens[spots] = other.text.context[p] + expected[image, layer, p if per_prompt else 0]
+                    want = F.normalize(other.text.encode(tokens[None], ids[None]).float(), dim=-1)[0]
+                    torch.testing.assert_close(text[image, layer, p], want, atol=1e-5, rtol=1e-5)
 
 
 def test_batch_of_one_equals_batch_of_eight(method, images8):
