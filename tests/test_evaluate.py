@@ -105,3 +105,29 @@ def test_build_method_records_the_backbone_it_was_given_and_falls_back_to_tiny(t
     fallback = build_method_or_tiny("winclip", device="cpu", announce=said.append)  # offline: no laion weights
     assert fallback.backbone.info["random_weights"] and fallback.backbone.image_size == 238
     assert len(said) == 1 and "laion400m_e31" in said[0] and "mean nothing" in said[0]
+
+
+@pytest.mark.parametrize("name", ["anomalyclip", "crane"])
+def test_learned_text_is_encoded_once_per_evaluation(name, tiny_backbone, small_dataset, monkeypatch):
+    """Frozen prompts at inference: the text tower runs once for the whole evaluation (batches of 2), again only
+    after the learned parameters change, and every call while training (gradients on)."""
+    method = build_method(name, backbone=tiny_backbone)
+    calls = []
+    encode = method.text.encode
+    monkeypatch.setattr(method.text, "encode", lambda *args, **kwargs: calls.append(1) or encode(*args, **kwargs))
+    first = evaluate(method, small_dataset, batch_size=2, progress=False)
+    assert len(calls) == 1 and len(small_dataset) > 2
+    evaluate(method, small_dataset, batch_size=2, progress=False)
+    assert len(calls) == 1
+    with torch.no_grad():
+        method.text.context.copy_(torch.randn(method.text.context.shape, generator=torch.Generator().manual_seed(1)))
+    changed = evaluate(method, small_dataset, batch_size=2, progress=False)  # (in place, as optimisers and loads do)
+    assert len(calls) == 2
+    assert np.abs(first.scores - changed.scores).max() > 1e-3
+    images = torch.stack([small_dataset[i].image for i in range(2)])
+    for _ in range(2):
+        method.training_loss(images, None, torch.tensor([0, 1]), ["a", "b"])
+    assert len(calls) == 4
+    with torch.no_grad():  # a precision switch is a new cache entry, not a stale one
+        run_method(method, images, precision="bf16")
+    assert len(calls) == 5

@@ -216,7 +216,7 @@ class AnomalyCLIP(AnomalyMethod):
         if class_names is not None:
             self._class_names(class_names, images.shape[0])
         size = tuple(images.shape[-2:])
-        text = self.text_features()
+        text = self.inference_text(self.text_features)
         features = self.image_features(images)
         image_probabilities = self.image_logits(features, text).softmax(dim=-1)
         layer_maps = ops.layer_maps(self.layer_probabilities(features, text), features.grid_size, size)  # [B,L,S,S]

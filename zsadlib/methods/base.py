@@ -168,6 +168,26 @@ class AnomalyMethod(nn.Module):
 
     def clear_text_cache(self) -> None:
         self._text_cache.clear()
+        self.__dict__.pop("_inference_text_cache", None)
+
+    # -- learned text that does not depend on the image: computed once per parameter state at inference ---------
+    def inference_text(self, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``compute()`` (e.g. the learned prompts' text features), kept and reused at inference.
+
+        With gradients enabled (training) it is computed every call. Without, the result is reused until a learned
+        parameter changes: the key holds each learned parameter's identity and version counter, which every in-place
+        update bumps (optimiser steps, checkpoint loads), plus the device and the autocast dtype.
+        """
+        if torch.is_grad_enabled():
+            return compute()
+        device = self.backbone.device
+        autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        key = (str(device), autocast, tuple((id(p), p._version) for p in self.learned_parameters().values()))
+        cached = self.__dict__.get("_inference_text_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, compute())
+            self.__dict__["_inference_text_cache"] = cached
+        return cached[1]
 
     # -- learned parameters (prompt-learning methods) -------------------------------------------------------
     def learned_parameters(self) -> dict[str, nn.Parameter]:

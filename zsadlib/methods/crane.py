@@ -319,7 +319,7 @@ class Crane(AnomalyMethod):
     def _inference_text(self, features: CraneFeatures) -> torch.Tensor:
         if self.config.test_context_guidance and self.config.context_guidance != "none":
             return self.text_features(features.global_embedding)
-        return self.text_features()
+        return self.inference_text(self.text_features)
 
     # -- heads -------------------------------------------------------------------------------------------------
     @staticmethod
