@@ -2,6 +2,8 @@
 
     python bench/bench_method.py --method anomalyclip            # ViT-L-14-336 @ 518, random weights
     python bench/bench_method.py --method anomalyclip --backbone tiny --image-size 112 --repeats 3
+    python bench/bench_method.py --method crane --backbone ViT-B-16 --image-size 224 --set layers=[3,6,9,12] \
+        --set eattn_to_layer=10 --precision-matrix fp32 bf16 --batch-sizes 1 8
 
 Random weights are fine for timing (the arithmetic is the same as with real ones). Prints one JSON object:
 the bare backbone forward (open_clip encode_image, and forward_features with the method's taps), the method's
@@ -44,6 +46,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2, help="images per inference batch and training step")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--precision-matrix", nargs="+", default=[], choices=["fp32", "bf16", "fp16"],
+                        help="also time inference (zsadlib.evaluate.run_method) at these precisions x --batch-sizes, "
+                             "each as s/image and as a ratio to bare fp32 encode_image at the same batch size")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                         help="change a config field, e.g. --set aliased_taps=false --set dino_pretrained=null")
     args = parser.parse_args()
@@ -112,6 +118,21 @@ def main() -> None:
             "train_step_overhead_over_encode_image": round(train_step / bare, 3),
             "learned_parameters": sum(p.numel() for p in method.learned_parameters().values()),
         })
+    if args.precision_matrix:
+        from zsadlib.evaluate import run_method
+
+        matrix = []
+        for batch in args.batch_sizes:
+            batch_images = torch.randn(batch, 3, size, size)
+            with torch.inference_mode():
+                bare_batch = timed(lambda: backbone.encode_image(batch_images), args.repeats) / batch
+            for precision in args.precision_matrix:
+                seconds = timed(lambda: run_method(method, batch_images, ["object"] * batch, precision=precision),
+                                args.repeats) / batch
+                matrix.append({"precision": precision, "batch_size": batch, "s_per_image": round(seconds, 4),
+                               "bare_fp32_encode_image_s_per_image": round(bare_batch, 4),
+                               "ratio_to_bare_fp32": round(seconds / bare_batch, 3)})
+        result["precision_matrix"] = matrix
     result["versions"] = {k: package_versions()[k] for k in ("torch", "open_clip_torch")}
     print(json.dumps(result, indent=2))
 
