@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -32,6 +33,97 @@ def _pretrained_arg(value: str | None):
     return None if value.lower() in ("none", "random") else value
 
 
+MIN_IMAGE_SIZE = 14  # one patch of the 14 px ViTs
+
+
+def _memory_bytes() -> int:
+    """This machine's physical memory (bytes)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return 64 << 30
+
+
+def image_size_memory(image_size: int, batch_size: int = 1, patch: int = 14) -> int:
+    """A lower bound of the memory a forward pass at ``image_size`` needs (bytes): one float32 attention map of one
+    head over the ``(image_size // patch)**2 + 1`` tokens, for each image of the batch."""
+    tokens = (int(image_size) // patch) ** 2 + 1
+    return tokens * tokens * 4 * max(1, int(batch_size))
+
+
+def _check_options(args) -> None:
+    """Bad numbers and devices as one-line errors before anything is loaded."""
+    positive = {"batch_size": "--batch-size", "max_per_class": "--max-per-class", "epochs": "--epochs",
+                "max_steps": "--max-steps"}
+    for key, flag in positive.items():
+        value = getattr(args, key, None)
+        if value is not None and value < 1:
+            extra = " (leave it out for no limit)" if key == "max_per_class" else ""
+            raise CLIError(f"{flag} must be at least 1, got {value}{extra}")
+    if getattr(args, "workers", 0) is not None and getattr(args, "workers", 0) < 0:
+        raise CLIError(f"--workers must be 0 or more, got {args.workers}")
+    lr = getattr(args, "lr", None)
+    if lr is not None and not lr > 0:
+        raise CLIError(f"--lr must be > 0, got {lr}")
+    size = getattr(args, "image_size", None)
+    if size is not None:
+        if size < MIN_IMAGE_SIZE:
+            raise CLIError(f"--image-size must be at least {MIN_IMAGE_SIZE} (one patch), got {size}")
+        batch = getattr(args, "batch_size", None) or 1
+        need, have = image_size_memory(size, batch), _memory_bytes()
+        if need > have:
+            raise CLIError(
+                f"--image-size {size} needs at least {need / 2**30:,.0f} GiB (one attention map of "
+                f"{(size // 14) ** 2 + 1:,} tokens per image, batch {batch}), more than this machine's "
+                f"{have / 2**30:,.0f} GiB; the papers use 240 to 518"
+            )
+    device = getattr(args, "device", "auto")
+    if device and device != "auto":
+        from .runtime import check_device
+
+        try:
+            check_device(device)
+        except ValueError as error:
+            raise CLIError(f"--device {device}: {error}") from None
+    pretrained = getattr(args, "pretrained", None)
+    if getattr(args, "backbone", None) == "tiny" and pretrained and pretrained.lower() not in ("none", "random"):
+        from .backbone import _is_file_spec
+
+        if not _is_file_spec(pretrained):
+            raise CLIError(f"--backbone tiny has no published weights (--pretrained {pretrained}): use "
+                           f"--pretrained none, or a weights file of the tiny model")
+
+
+def _check_out_dir(path: str | os.PathLike) -> Path:
+    """Create ``--out`` (or check it) and make sure it takes files, before any work is done."""
+    import tempfile
+
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".zsad-write-test-"):
+            pass
+    except OSError as error:
+        raise CLIError(f"--out {out} is not a writable folder: {error.strerror or error}") from None
+    return out
+
+
+def _checkpoint_note(args) -> dict:
+    """What metrics.json records about --checkpoint (its step), and a printed note for an unfinished run."""
+    meta = getattr(args, "checkpoint_meta", None)
+    if not meta:
+        return {}
+    record = {"checkpoint_step": meta.get("step"), "checkpoint_total_steps": meta.get("total_steps"),
+              "checkpoint_finished": meta.get("final")}
+    if meta.get("final") is False:  # a run's checkpoints/last.* (files saved by hand record no "final")
+        print(f"note: --checkpoint {args.checkpoint} is from an unfinished run: its last checkpoint, step "
+              f"{meta.get('step')} of {meta.get('total_steps')}; finish the run with zsad train ... --out "
+              f"{args.checkpoint} for the final learned parameters")
+    return record
+
+
 def _build(args) -> "object":
     from .methods import build_method, get_method_class
 
@@ -42,7 +134,7 @@ def _build(args) -> "object":
     if checkpoint:
         if not cls.trainable:
             raise CLIError(f"--checkpoint {checkpoint}: method {args.method!r} has no learned parameters")
-        method.load_checkpoint(checkpoint)
+        args.checkpoint_meta = method.load_checkpoint(checkpoint)
     return method
 
 
@@ -70,22 +162,27 @@ def _cmd_eval(args) -> int:
     from .data import open_dataset
     from .evaluate import evaluate, format_table
 
+    _check_options(args)
+    if args.out:
+        _check_out_dir(args.out)
     method = _build(args)
+    checkpoint_info = _checkpoint_note(args)
     dataset = open_dataset(args.dataset, args.data_root, split=args.split, classes=args.classes,
                            image_size=method.backbone.image_size)
     if args.max_per_class:
         dataset = dataset.subset(max_per_class=args.max_per_class, seed=args.seed)
     result = evaluate(method, dataset, out_dir=args.out, batch_size=args.batch_size, precision=args.precision,
                       num_workers=args.workers, seed=args.seed, progress=not args.quiet,
-                      extra_info={"argv": args.argv, "checkpoint": args.checkpoint})
+                      extra_info={"argv": args.argv, "checkpoint": args.checkpoint, **checkpoint_info})
     print(format_table(result.table))
     if result.summary.get("random_weights"):
         print("note: random weights; these numbers mean nothing")
     if args.out:
+        from .checkpoint import atomic_write
         from .viz import plot_class_metrics
 
         figure = plot_class_metrics(result.table, title=f"{method.name} on {args.dataset}")
-        figure.savefig(Path(args.out) / "per_class.png", dpi=120)
+        atomic_write(Path(args.out) / "per_class.png", lambda tmp: figure.savefig(tmp, dpi=120, format="png"))
         print(f"wrote {Path(args.out) / 'metrics.json'}, scores.csv, per_class.png")
     return 0
 
@@ -93,10 +190,12 @@ def _cmd_eval(args) -> int:
 def _cmd_train(args) -> int:
     from .data import open_dataset
     from .methods import get_method_class
-    from .train import TrainConfig, train
+    from .train import TrainConfig, TrainingError, train
 
     if not get_method_class(args.method).trainable:
         raise CLIError(f"method {args.method!r} is training-free; nothing to train (use zsad eval)")
+    _check_options(args)
+    _check_out_dir(args.out)
     method = _build(args)
     dataset = open_dataset(args.dataset, args.data_root, split=args.split, classes=args.classes,
                            image_size=method.backbone.image_size)
@@ -107,7 +206,10 @@ def _cmd_train(args) -> int:
                                                ("precision", args.precision), ("max_steps", args.max_steps))
                  if value is not None}
     config = TrainConfig.from_method(method, **overrides)
-    result = train(method, dataset, args.out, config=config, resume=not args.restart, progress=not args.quiet)
+    try:
+        result = train(method, dataset, args.out, config=config, resume=not args.restart, progress=not args.quiet)
+    except TrainingError as error:
+        raise CLIError(_cli_words(str(error))) from None
     if method.backbone.info.get("random_weights"):
         print("note: random weights; the learned prompts mean nothing")
     where = result.learned if result.learned else result.checkpoint
@@ -116,10 +218,23 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cli_words(message: str) -> str:
+    """A training message in the CLI's words: flags, not the Python arguments."""
+    import re
+
+    message = message.replace("pass resume=False", "pass --restart").replace("resume=False", "--restart")
+    message = message.replace("another out_dir", "another --out")
+    return re.sub(r"(?<=: |; )(batch_size|seed|lr|betas|weight_decay|precision) ",
+                  lambda m: "--" + m.group(1).replace("_", "-") + " ", message)
+
+
 def _cmd_predict(args) -> int:
     from .predict import collect_images, predict_images, write_predictions
 
+    _check_options(args)
+    _check_out_dir(args.out)
     method = _build(args)
+    _checkpoint_note(args)
     paths = collect_images(args.inputs)
     predictions = predict_images(method, paths, class_name=args.class_name, batch_size=args.batch_size,
                                  precision=args.precision, progress=not args.quiet)
@@ -238,11 +353,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     if args.quiet:
         os.environ.setdefault("TQDM_DISABLE", "1")
+    previous_sigterm = _handle_sigterm()
     try:
         with warnings.catch_warnings():
             if not args.debug:
                 warnings.filterwarnings("ignore", category=FutureWarning)
             return int(args.func(args) or 0)
+    except Terminated:
+        print("zsad: terminated (SIGTERM); work files removed", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("zsad: interrupted", file=sys.stderr)
         return 130
@@ -255,6 +374,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"zsad: error: {message}", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        if previous_sigterm is not _NOT_SET:
+            signal.signal(signal.SIGTERM, previous_sigterm if previous_sigterm is not None else signal.SIG_DFL)
+
+
+_NOT_SET = object()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every ``finally`` (work files, open logs) runs."""
+
+
+def _raise_terminated(signum, frame):  # noqa: ARG001
+    raise Terminated()
+
+
+def _handle_sigterm():
+    """SIGTERM behaves like SIGINT (cleanup runs, then exit 143); returns the previous handler (None when this
+    is not the main thread, where handlers cannot be set: _NOT_SET)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return _NOT_SET
+    return signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 if __name__ == "__main__":  # pragma: no cover

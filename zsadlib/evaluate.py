@@ -17,16 +17,16 @@ Typical use::
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
+import os
 import shutil
 import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -34,29 +34,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import metrics as metrics_module
+from .checkpoint import atomic_write
 from .data import AnomalyDataset, collate_samples
 from .methods.base import AnomalyMethod, MethodOutput
+from .runtime import PRECISIONS, Precision, autocast  # noqa: F401 - importable from here as before
 from .utils import json_safe, package_versions
 
 __all__ = ["Precision", "autocast", "run_method", "evaluate", "EvaluationResult", "PRECISIONS", "format_table"]
-
-PRECISIONS = ("fp32", "bf16", "fp16")
-Precision = str
-
-
-@contextlib.contextmanager
-def autocast(device: torch.device, precision: Precision = "fp32") -> Iterator[None]:
-    """Reduced precision behind one switch: ``"fp32"`` (off), ``"bf16"`` (CPU and CUDA), ``"fp16"`` (CUDA)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
-    if precision == "fp32":
-        yield
-        return
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision 'fp16' needs CUDA; on the CPU use 'bf16'")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    with torch.autocast(device_type=device.type, dtype=dtype):
-        yield
 
 
 def run_method(
@@ -125,7 +109,9 @@ def evaluate(
         progress: tqdm bars for the inference and the metric step.
         seed: recorded (and used to seed torch) for the record.
         extra_info: merged into metrics.json (e.g. the CLI's arguments).
-        work_dir: where the disk-backed maps live during the run (default: a temporary folder).
+        work_dir: where the disk-backed maps live during the run (default: ``out_dir``, else the system temp
+            folder), in a hidden ``.zsad-eval-<pid>-*`` folder that is deleted at the end, on errors and on
+            SIGINT/SIGTERM (in the CLI); one left by a SIGKILL is deleted by the next evaluation there.
         keep_maps_for: dataset indices whose maps are returned in ``result.kept_maps`` (for figures; keep it
             short, these stay in memory).
     """
@@ -140,7 +126,12 @@ def evaluate(
     size = dataset.image_size
     count = len(dataset)
     started = time.time()
-    scratch = Path(tempfile.mkdtemp(prefix="zsad-eval-", dir=work_dir))
+    if work_dir is None and out_dir is not None:  # work files live beside the results, not in the system temp
+        work_dir = Path(out_dir)
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+    remove_stale_work_dirs(work_dir)
+    scratch = Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{os.getpid()}-", dir=work_dir))
     try:
         maps = np.lib.format.open_memmap(scratch / "maps.npy", mode="w+", dtype=np.float32, shape=(count, size, size))
         masks = None
@@ -208,13 +199,43 @@ def evaluate(
     if out_dir is not None:
         out_path = Path(out_dir)
         out_path.mkdir(parents=True, exist_ok=True)
-        (out_path / "metrics.json").write_text(json.dumps(summary, indent=2))
-        with open(out_path / "scores.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=["path", "class_name", "defect", "label", "score"])
-            writer.writeheader()
-            writer.writerows(rows)
+        atomic_write(out_path / "metrics.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
+
+        def write_scores(tmp: Path) -> None:
+            with open(tmp, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=["path", "class_name", "defect", "label", "score"])
+                writer.writeheader()
+                writer.writerows(rows)
+
+        atomic_write(out_path / "scores.csv", write_scores)
     return EvaluationResult(table=table, metrics=table_dict["mean"], summary=summary, out_dir=out_path,
                             scores=scores, labels=labels, kept_maps=kept_maps)
+
+
+WORK_PREFIX = ".zsad-eval-"  # + pid + "-" + random: the folder of one run's disk-backed maps and masks
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def remove_stale_work_dirs(folder: str | Path | None = None) -> list[Path]:
+    """Delete the work folders that killed evaluations left in ``folder`` (default: the system temp folder):
+    those whose process no longer runs. Returns what was deleted."""
+    folder = Path(folder) if folder is not None else Path(tempfile.gettempdir())
+    removed = []
+    for path in folder.glob(f"{WORK_PREFIX}*"):
+        pid = path.name[len(WORK_PREFIX):].split("-", 1)[0]
+        if path.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def _describe_preprocessing(dataset: AnomalyDataset) -> dict[str, Any]:

@@ -655,11 +655,40 @@ def pixel_metrics(masks: Any, maps: Any, *, chunk_pixels: int | None = None,
 # --------------------------------------------------------------------------------------------
 
 
+def _length(x) -> int | None:
+    if x is None:
+        return None
+    shape = getattr(x, "shape", None)
+    if shape is not None:
+        return int(shape[0]) if len(shape) else 1
+    return len(x)
+
+
+def _check_lengths(**arrays) -> None:
+    """ValueError naming both lengths when the given (non-None) inputs differ in their first dimension; "no
+    images" when they are all empty."""
+    lengths = {name: _length(x) for name, x in arrays.items() if x is not None}
+    if not lengths:
+        return
+    first_name, first = next(iter(lengths.items()))
+    for name, n in lengths.items():
+        if n != first:
+            raise ValueError(f"length mismatch: {first_name} has {first} items but {name} has {n}")
+    if first == 0:
+        raise ValueError("no images")
+
+
 def _compute(labels, scores, masks, maps, *, aupro_variants, max_fpr, chunk_pixels, progress):
     """compute() without the warning -> (values, reasons)."""
     unknown = [v for v in aupro_variants if v not in AUPRO_VARIANTS]
     if unknown:
         raise ValueError(f"unknown AUPRO variants {unknown}; choose from {AUPRO_VARIANTS}")
+    # the image set (labels, scores) and the pixel set (masks, maps) may differ (callers score images and pixels
+    # of different sets); within each set the lengths must agree, and compute_table ties all of them together
+    _check_lengths(labels=labels, scores=scores)
+    _check_lengths(masks=masks, maps=maps)
+    if all(x is not None and _length(x) == 0 for x in (labels, scores)) and masks is None and maps is None:
+        raise ValueError("no images")
     values: dict[str, float] = {}
     reasons: dict[str, str] = {}
     if labels is None or scores is None:
@@ -723,6 +752,7 @@ def compute_table(labels: Any, scores: Any, masks: Any, maps: Any, class_names: 
     import pandas as pd
 
     names = np.asarray([str(c) for c in class_names])
+    _check_lengths(class_names=names, labels=labels, scores=scores, masks=masks, maps=maps)
     order = list(dict.fromkeys(names.tolist()))
     if "mean" in order:
         raise ValueError('a class may not be called "mean"')

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .checkpoint import atomic_write
 from .data import DatasetError, read_image
 from .data._scan import list_images
 from .data.base import IMAGE_EXTENSIONS
@@ -89,17 +90,17 @@ def predict_images(
 def write_predictions(predictions: Iterable[Prediction], out_dir: str | Path, save_npy: bool = False) -> Path:
     """Write ``<stem>_map.png``, ``<stem>_overlay.png`` (and ``<stem>_map.npy``) per image and ``scores.csv``.
 
-    Returns the path of scores.csv. Stems that repeat (same name in two folders) get a numeric suffix.
+    Returns the path of scores.csv. Every input gets its own output stem: its file stem, or, when an earlier
+    input already took that name (``a.png`` and ``a.jpg``, the same name in two folders, or ``a.png``, ``a.jpg``
+    and ``a_2.png``), the first free ``<stem>_2``, ``<stem>_3``, ... (in input order, so the same inputs always
+    get the same names). scores.csv maps each input path to its stem.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    used: dict[str, int] = {}
+    used: set[str] = set()
     rows = []
     for prediction in predictions:
-        stem = prediction.path.stem
-        used[stem] = used.get(stem, 0) + 1
-        if used[stem] > 1:
-            stem = f"{stem}_{used[stem]}"
+        stem = _unique_stem(prediction.path.stem, used)
         save_map_png(out / f"{stem}_map.png", prediction.amap)
         image = prediction.image if prediction.image is not None else read_image(prediction.path)
         save_overlay(out / f"{stem}_overlay.png", image, prediction.amap)
@@ -108,9 +109,24 @@ def write_predictions(predictions: Iterable[Prediction], out_dir: str | Path, sa
         rows.append({"path": str(prediction.path), "output_stem": stem, "score": prediction.score,
                      "map_max": float(prediction.amap.max())})
     scores_path = out / "scores.csv"
-    with open(scores_path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["path", "output_stem", "score", "map_max"])
-        writer.writeheader()
-        writer.writerows(rows)
+
+    def write_scores(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["path", "output_stem", "score", "map_max"])
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(scores_path, write_scores)
     return scores_path
+
+
+def _unique_stem(stem: str, used: set[str]) -> str:
+    """``stem``, or the first ``stem_N`` (N = 2, 3, ...) not in ``used`` (case-insensitively: a.png and A.png
+    would overwrite each other on macOS and Windows); the choice is added to ``used``."""
+    candidate, number = stem, 1
+    while candidate.lower() in used:
+        number += 1
+        candidate = f"{stem}_{number}"
+    used.add(candidate.lower())
+    return candidate
 

@@ -41,7 +41,6 @@ import random
 import time
 import warnings
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,9 +50,27 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .data import AnomalyDataset, collate_samples
-from .evaluate import PRECISIONS, autocast
-from .methods.base import AnomalyMethod, MethodConfig, MethodError
-from .utils import package_versions, resolve_device, json_safe
+from .checkpoint import (  # noqa: F401 - checkpoint I/O lives in checkpoint.py; importable from here as before
+    CHECKPOINT_DIR,
+    CHECKPOINT_FORMAT,
+    FINAL,
+    LAST,
+    LOG_NAME,
+    OPTIMIZER_FILE,
+    CheckpointError,
+    _atomic_write_bytes,
+    _read_metadata,
+    _resolve_checkpoint,
+    _state_for_file,
+    _warn_differences,
+    _write_json,
+    load_checkpoint,
+    read_checkpoint_step,
+    save_learned,
+)
+from .methods.base import AnomalyMethod, MethodConfig
+from .runtime import PRECISIONS, autocast, resolve_device
+from .utils import json_safe
 
 __all__ = [
     "TrainConfig",
@@ -68,12 +85,6 @@ __all__ = [
     "CHECKPOINT_FORMAT",
 ]
 
-CHECKPOINT_FORMAT = "zsadlib-learned-v1"
-LOG_NAME = "log.jsonl"
-CHECKPOINT_DIR = "checkpoints"
-LAST = "last"
-FINAL = "learned"
-OPTIMIZER_FILE = "optimizer.pt"
 
 
 class TrainingError(ValueError):
@@ -82,10 +93,6 @@ class TrainingError(ValueError):
 
 class TrainingWarning(UserWarning):
     """Training goes on, but not as the method's paper trains (e.g. a dataset without pixel masks)."""
-
-
-class CheckpointError(MethodError):
-    """A checkpoint file does not fit the method it is loaded into (wrong method, unreadable file)."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -248,60 +255,6 @@ def _check_dataset(dataset: AnomalyDataset, method: AnomalyMethod) -> bool:
     return True
 
 
-def _state_for_file(method: AnomalyMethod) -> dict[str, torch.Tensor]:
-    """Learned parameters as contiguous CPU tensors that own their memory (what safetensors wants)."""
-    state = method.learned_state_dict()
-    return {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in state.items()}
-
-
-def _atomic_write_bytes(path: Path, writer: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        writer(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    _atomic_write_bytes(path, lambda tmp: tmp.write_text(json.dumps(json_safe(payload), indent=2)))
-
-
-def save_learned(method: AnomalyMethod, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
-    """Write ``method``'s learned parameters to ``path`` (.safetensors) and its metadata to the .json beside it.
-
-    The metadata always holds the method name and config, backbone info (weights checksum), image size and
-    package versions; ``metadata`` adds to it (train() adds epoch, step, seed, dataset, ...).
-    """
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise CheckpointError(f"learned parameters are saved as .safetensors, not {path.name}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = _state_for_file(method)
-    info = {
-        "format": CHECKPOINT_FORMAT,
-        "method": method.name,
-        "paper": method.paper,
-        "method_config": method.config.to_dict(),
-        "backbone": dict(method.backbone.info),
-        "weights_sha256": method.backbone.info.get("weights_sha256"),
-        "image_size": method.backbone.image_size,
-        "parameters": {name: list(tensor.shape) for name, tensor in state.items()},
-        "num_parameters": int(sum(t.numel() for t in state.values())),
-        "saved_from_device": str(next(iter(method.learned_parameters().values())).device) if state else None,
-        "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": package_versions(),
-    }
-    info.update(metadata or {})
-    header = {"format": CHECKPOINT_FORMAT, "method": method.name}
-    _atomic_write_bytes(path, lambda tmp: save_file(state, str(tmp), metadata=header))
-    _write_json(path.with_suffix(".json"), info)
-    return path
-
-
 # ---------------------------------------------------------------------------------------------------------
 # RNG state (stored so that weights_only=True can read it back: tensors and plain Python values only)
 # ---------------------------------------------------------------------------------------------------------
@@ -342,95 +295,6 @@ def _torch_load(path: Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# loading
-# ---------------------------------------------------------------------------------------------------------
-def _resolve_checkpoint(path: str | Path) -> Path:
-    path = Path(path)
-    if path.is_dir():
-        candidates = [path / f"{FINAL}.safetensors", path / CHECKPOINT_DIR / f"{LAST}.safetensors"]
-        for candidate in candidates:
-            if candidate.is_file():
-                return candidate
-        raise FileNotFoundError(
-            f"no checkpoint in run directory {path}: looked for {candidates[0]} and {candidates[1]}"
-        )
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint file {path} does not exist")
-    if path.suffix != ".safetensors":
-        raise CheckpointError(f"{path} is not a .safetensors checkpoint (pass the file or its run directory)")
-    return path
-
-
-def _read_metadata(path: Path) -> dict[str, Any]:
-    meta_path = path.with_suffix(".json")
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"metadata file {meta_path} of checkpoint {path} does not exist")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"cannot read checkpoint metadata {meta_path}: {error}") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"checkpoint metadata {meta_path} is not a JSON object")
-    return meta
-
-
-def load_checkpoint(method: AnomalyMethod, path: str | Path) -> dict[str, Any]:
-    """Load learned parameters saved by :func:`train` / :func:`save_learned` into ``method``.
-
-    Args:
-        method: a built method of the same kind (same name) and compatible backbone widths.
-        path: a ``.safetensors`` file, or a run directory (``learned.safetensors``, else
-            ``checkpoints/last.safetensors``). Its metadata is the ``.json`` beside it.
-    Returns:
-        the metadata (method, config, backbone, epoch, step, dataset, ...).
-    Raises:
-        FileNotFoundError: the file, its metadata, or any checkpoint in the directory is missing.
-        CheckpointError: the checkpoint belongs to another method, or the file cannot be read.
-        MethodError: missing/unexpected keys or shapes that do not fit (names the file).
-
-    Tensors are always read onto the CPU first (whatever device they were saved from) and then copied onto
-    the device of the method's parameters. A different backbone or config only warns.
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = _resolve_checkpoint(path)
-    meta = _read_metadata(path)
-    saved = meta.get("method")
-    if saved != method.name:
-        raise CheckpointError(
-            f"checkpoint {path} holds learned parameters of method {saved!r}, not {method.name!r}; "
-            f"build that method (build_method({saved!r}, ...)) to load it"
-        )
-    _warn_differences(method, meta, path)
-    try:
-        state = load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None
-    method.load_learned_state_dict(state, source=str(path))
-    return meta
-
-
-def _warn_differences(method: AnomalyMethod, meta: dict[str, Any], path: Path) -> None:
-    saved_backbone = meta.get("backbone") or {}
-    own = method.backbone.info
-    notes = []
-    for key in ("name", "weights_sha256", "pretrained"):
-        if saved_backbone.get(key) != own.get(key) and (saved_backbone.get(key) or own.get(key)):
-            notes.append(f"backbone {key} {saved_backbone.get(key)!r} != {own.get(key)!r}")
-    saved_config = meta.get("method_config") or {}
-    current = json_safe(method.config.to_dict())
-    skip = set(TrainConfig.fields()) | {"backbone", "pretrained"}
-    for key, value in saved_config.items():
-        if key in skip or key not in current:
-            continue
-        if json_safe(value) != current[key]:
-            notes.append(f"config {key} {value!r} != {current[key]!r}")
-    if notes:
-        warnings.warn(f"checkpoint {path} was trained with a different setup: " + "; ".join(notes), stacklevel=3)
-
-
-# ---------------------------------------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------------------------------------
 def _truncate_log(log_path: Path, step: int) -> None:
@@ -451,24 +315,101 @@ def _truncate_log(log_path: Path, step: int) -> None:
     _atomic_write_bytes(log_path, lambda tmp: tmp.write_text(text))
 
 
+PREVIOUS = "last.prev"  # the checkpoint before last.*: the fallback when a write of last.* was interrupted
+PREVIOUS_OPTIMIZER = "optimizer.prev.pt"
+# options that change what a step does: a resumed run must use the checkpoint's values (epochs and max_steps may
+# change: they only move the end of the run)
+RESUME_MUST_MATCH = ("batch_size", "seed", "lr", "betas", "weight_decay", "precision")
+
+
+def _checkpoint_files(ckpt_dir: Path) -> dict[str, list[Path]]:
+    return {"weights": [ckpt_dir / f"{LAST}.safetensors", ckpt_dir / f"{PREVIOUS}.safetensors"],
+            "meta": [ckpt_dir / f"{LAST}.json", ckpt_dir / f"{PREVIOUS}.json"],
+            "optimizer": [ckpt_dir / OPTIMIZER_FILE, ckpt_dir / PREVIOUS_OPTIMIZER]}
+
+
 def _remove_run_files(out: Path) -> None:
-    for path in (out / CHECKPOINT_DIR / f"{LAST}.safetensors", out / CHECKPOINT_DIR / f"{LAST}.json",
-                 out / CHECKPOINT_DIR / OPTIMIZER_FILE, out / f"{FINAL}.safetensors", out / f"{FINAL}.json",
-                 out / LOG_NAME):
+    files = [path for paths in _checkpoint_files(out / CHECKPOINT_DIR).values() for path in paths]
+    for path in (*files, out / f"{FINAL}.safetensors", out / f"{FINAL}.json", out / LOG_NAME):
         if path.exists():
             path.unlink()
 
 
+def _rotate_checkpoint(ckpt_dir: Path) -> None:
+    """Keep the current (consistent) checkpoint as last.prev.* / optimizer.prev.pt before writing a new one."""
+    files = _checkpoint_files(ckpt_dir)
+    for current, previous in (files["optimizer"], files["weights"], files["meta"]):
+        if current.exists():
+            os.replace(current, previous)
+
+
+def _newest_consistent_checkpoint(ckpt_dir: Path) -> tuple[Path, dict[str, Any], Path, dict[str, Any], bool]:
+    """(weights file, its metadata, optimiser file, optimiser state, whether a .prev file was used) of the newest
+    step for which a weights file, a metadata file and an optimiser state all exist and agree. A write of the
+    three files that was interrupted (a crash, a kill) leaves the previous step's files: resume from those."""
+    files = _checkpoint_files(ckpt_dir)
+    metas: dict[int, tuple[Path, dict[str, Any]]] = {}
+    problems: list[str] = []
+    for path in files["meta"]:
+        if path.is_file():
+            try:
+                meta = _read_metadata(path.with_suffix(".safetensors"))
+                metas.setdefault(int(meta["step"]), (path, meta))
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                problems.append(f"{path.name}: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
+    weights: dict[int, Path] = {}
+    for path in files["weights"]:
+        if path.is_file():
+            step = read_checkpoint_step(path)
+            if step is None:  # written before the header recorded the step: trust the .json beside it
+                beside = path.with_suffix(".json")
+                step = next((s for s, (p, _) in metas.items() if p == beside), None)
+            if step is not None:
+                weights.setdefault(step, path)
+    optimizers: dict[int, tuple[Path, dict[str, Any]]] = {}
+    for path in files["optimizer"]:
+        if path.is_file():
+            try:
+                saved = _torch_load(path)
+                optimizers.setdefault(int(saved.get("step", -1)), (path, saved))
+            except TrainingError as error:
+                problems.append(str(error))
+    steps = sorted(set(metas) & set(weights) & set(optimizers), reverse=True)
+    if not steps:
+        found = (f"metadata at steps {sorted(metas)}, weights at {sorted(weights)}, optimiser state at "
+                 f"{sorted(optimizers)}")
+        if not optimizers and not problems:
+            raise FileNotFoundError(f"optimiser state {files['optimizer'][0]} of checkpoint "
+                                    f"{files['weights'][0]} does not exist")
+        raise TrainingError(
+            f"no consistent checkpoint in {ckpt_dir} ({found}"
+            + (f"; {'; '.join(problems)}" if problems else "")
+            + "); pass resume=False to start over"
+        )
+    step = steps[0]
+    meta_path, meta = metas[step]
+    opt_path, saved = optimizers[step]
+    used_previous = any(p.name.startswith(PREVIOUS) or p.name == PREVIOUS_OPTIMIZER
+                        for p in (meta_path, weights[step], opt_path))
+    return weights[step], meta, opt_path, saved, used_previous
+
+
 def _resume(method: AnomalyMethod, optimizer, scaler, ckpt_dir: Path, config: TrainConfig,
             dataset_info: dict[str, Any]) -> dict[str, Any]:
-    """Load the last checkpoint into the method and optimiser; return its metadata."""
-    weights = ckpt_dir / f"{LAST}.safetensors"
-    meta = _read_metadata(weights)
+    """Load the newest consistent checkpoint into the method and optimiser; return its metadata (with
+    ``_used_previous`` True when it came from the .prev files)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights, meta, opt_path, saved, used_previous = _newest_consistent_checkpoint(ckpt_dir)
     saved_train = meta.get("train_config") or {}
     problems = []
-    for key in ("batch_size", "seed"):
-        if key in saved_train and saved_train[key] != getattr(config, key):
-            problems.append(f"{key} {saved_train[key]} (checkpoint) != {getattr(config, key)} (this run)")
+    for key in RESUME_MUST_MATCH:
+        if key not in saved_train:
+            continue
+        old, new = json_safe(saved_train[key]), json_safe(getattr(config, key))
+        if old != new:
+            problems.append(f"{key} {old} (checkpoint) != {new} (this run)")
     saved_data = meta.get("dataset") or {}
     if saved_data.get("fingerprint") and saved_data.get("fingerprint") != dataset_info["fingerprint"]:
         problems.append(
@@ -478,18 +419,19 @@ def _resume(method: AnomalyMethod, optimizer, scaler, ckpt_dir: Path, config: Tr
     if problems:
         raise TrainingError(
             f"cannot resume from {weights}: " + "; ".join(problems)
-            + "; pass resume=False to start over, or use another out_dir"
+            + "; resume with the checkpoint's values, pass resume=False to start over, or use another out_dir"
         )
-    load_checkpoint(method, weights)
-    opt_path = ckpt_dir / OPTIMIZER_FILE
-    if not opt_path.is_file():
-        raise FileNotFoundError(f"optimiser state {opt_path} of checkpoint {weights} does not exist")
-    saved = _torch_load(opt_path)
-    if int(saved.get("step", -1)) != int(meta.get("step", -2)):
-        raise TrainingError(
-            f"checkpoint files in {ckpt_dir} disagree: {weights.name} is at step {meta.get('step')} but "
-            f"{OPTIMIZER_FILE} at step {saved.get('step')} (a write was interrupted); pass resume=False to start over"
-        )
+    if saved.get("step") != meta.get("step"):  # pragma: no cover - _newest_consistent_checkpoint matched them
+        raise TrainingError(f"checkpoint files in {ckpt_dir} disagree")
+    if meta.get("method") != method.name:
+        raise CheckpointError(f"checkpoint {weights} holds learned parameters of method {meta.get('method')!r}, "
+                              f"not {method.name!r}")
+    _warn_differences(method, meta, weights)
+    try:
+        state = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"cannot read checkpoint {weights}: {error}") from None
+    method.load_learned_state_dict(state, source=str(weights))
     try:
         optimizer.load_state_dict(saved["optimizer"])
     except (ValueError, KeyError) as error:
@@ -499,7 +441,10 @@ def _resume(method: AnomalyMethod, optimizer, scaler, ckpt_dir: Path, config: Tr
     if scaler is not None and saved.get("scaler"):
         scaler.load_state_dict(saved["scaler"])
     _set_rng_state(saved["rng"])
-    return meta
+    if used_previous:
+        warnings.warn(f"the last checkpoint write in {ckpt_dir} was interrupted: resuming from step "
+                      f"{meta.get('step')}, the newest complete checkpoint", TrainingWarning, stacklevel=3)
+    return {**meta, "_used_previous": used_previous}
 
 
 def train(
@@ -566,11 +511,13 @@ def train(
 
     epoch, batch_in_epoch, step = 0, 0, 0
     resumed_from: int | None = None
+    used_previous = False
     saved_loss: float | None = None
-    if resume and (ckpt_dir / f"{LAST}.safetensors").is_file():
+    if resume and any(path.is_file() for path in _checkpoint_files(ckpt_dir)["weights"]):
         meta = _resume(method, optimizer, scaler, ckpt_dir, config, dataset_info)
         epoch, batch_in_epoch, step = int(meta["epoch"]), int(meta["batch_in_epoch"]), int(meta["step"])
         resumed_from = step
+        used_previous = bool(meta.get("_used_previous"))
         _truncate_log(log_path, step)
         saved_loss = meta.get("loss")
     else:
@@ -585,8 +532,14 @@ def train(
             "trained_on_device": str(device),
         }
 
+    rotate = not used_previous
+
     def write_checkpoint(last_loss: float | None) -> Path:
+        nonlocal rotate
         weights = ckpt_dir / f"{LAST}.safetensors"
+        if rotate:  # keep the complete checkpoint until the new one is complete (a crash falls back to it)
+            _rotate_checkpoint(ckpt_dir)
+        rotate = True
         payload = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                    "rng": _rng_state(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
         _atomic_write_bytes(ckpt_dir / OPTIMIZER_FILE, lambda tmp: torch.save(payload, tmp))

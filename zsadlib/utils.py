@@ -13,16 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .runtime import resolve_device  # noqa: F401 - its home is runtime.py; importable here as before
+
 __all__ = ["write_json", "seeded", "resolve_device", "seed_everything", "sha256_file", "package_versions", "json_safe", "state_mismatch"]
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` picks CUDA when present, else CPU; anything else is passed to ``torch.device``."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def seed_everything(seed: int) -> None:

@@ -11,6 +11,7 @@ and the class is skipped.
 from __future__ import annotations
 
 import csv
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -20,12 +21,13 @@ from ._scan import (
     check_nonempty,
     check_root,
     empty_class,
+    is_image_file,
     list_images,
     list_subdirs,
     select_classes,
     wanted_classes,
 )
-from .base import AnomalyDataset, DatasetError, Record, TransformArg
+from .base import AnomalyDataset, DatasetError, DatasetWarning, Record, TransformArg
 from .meta_json import read_meta_json
 from .synthetic import DEFAULT_ROOT as SYNTHETIC_ROOT
 
@@ -193,6 +195,14 @@ def scan_folder(
     records = [Record(p, None, 0, name, "good") for p in list_images(good)]
     for p in list_images(bad):
         records.append(Record(p, masks.require(p) if masks else None, 1, name, "bad"))
+    nested = [p for folder in (good, bad) if folder.is_dir() for p in sorted(folder.rglob("*"))
+              if p.parent != folder and is_image_file(p)]
+    if nested:
+        warnings.warn(
+            f"folder dataset {root}: {len(nested)} images in subfolders of good/ or bad/ are not used (e.g. "
+            f"{nested[0]}); only the images directly in good/ and bad/ are read: move them up to include them",
+            DatasetWarning, stacklevel=3,
+        )
     if not records:
         raise DatasetError(f"folder dataset {root}: no images in {good} or {bad}")
     return records, has_masks

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from ..backbone import Backbone, load_backbone
+from ..checkpoint import load_checkpoint as _load_checkpoint
+from ..errors import MethodError
 from ..utils import state_mismatch
 
 __all__ = [
@@ -39,10 +41,6 @@ __all__ = [
     "check_options",
     "mask_targets",
 ]
-
-
-class MethodError(ValueError):
-    """Unknown method or a bad option of one."""
 
 
 @dataclass
@@ -223,9 +221,7 @@ class AnomalyMethod(nn.Module):
 
     def load_checkpoint(self, path: str) -> dict[str, Any]:
         """Load a training checkpoint (safetensors + JSON) made by :mod:`zsadlib.train`; returns its metadata."""
-        from ..train import load_checkpoint
-
-        return load_checkpoint(self, path)
+        return _load_checkpoint(self, path)
 
     def describe(self, class_names: Sequence[str] | None = None) -> dict[str, Any]:
         """What metrics.json records about the method (``class_names``: the evaluated classes, for methods whose
@@ -323,6 +319,8 @@ def build_method(
     if not isinstance(backbone, Backbone):
         backbone = load_backbone(config.backbone, pretrained=config.pretrained, image_size=config.image_size,
                                  device=device, pos_embed_resize=config.pos_embed_resize)
+        # record the weights actually loaded (the tiny backbone ignores a tag: it has no published weights)
+        config = config.replace(pretrained=backbone.info.get("pretrained"))
     else:  # the config records the backbone actually used, including how its positional embedding was resized
         resize = backbone.info.get("pos_embed_resize", "")
         config = config.replace(backbone=backbone.info["name"], pretrained=backbone.info["pretrained"],
