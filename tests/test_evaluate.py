@@ -128,6 +128,5 @@ def test_learned_text_is_encoded_once_per_evaluation(name, tiny_backbone, small_
     for _ in range(2):
         method.training_loss(images, None, torch.tensor([0, 1]), ["a", "b"])
     assert len(calls) == 4
-    with torch.no_grad():  # a precision switch is a new cache entry, not a stale one
-        run_method(method, images, precision="bf16")
-    assert len(calls) == 5
+    run_method(method, images, precision="bf16")  # the cached text is full precision: bf16 reuses it
+    assert len(calls) == 4

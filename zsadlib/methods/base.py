@@ -174,16 +174,17 @@ class AnomalyMethod(nn.Module):
 
         With gradients enabled (training) it is computed every call. Without, the result is reused until a learned
         parameter changes: the key holds each learned parameter's identity and version counter, which every in-place
-        update bumps (optimiser steps, checkpoint loads), plus the device and the autocast dtype.
+        update bumps (optimiser steps, checkpoint loads), plus the device. It is computed in full precision (autocast
+        off): once per evaluation it costs nothing, and bf16 text moved AnomalyCLIP's summed maps by up to 0.03.
         """
         if torch.is_grad_enabled():
             return compute()
         device = self.backbone.device
-        autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-        key = (str(device), autocast, tuple((id(p), p._version) for p in self.learned_parameters().values()))
+        key = (str(device), tuple((id(p), p._version) for p in self.learned_parameters().values()))
         cached = self.__dict__.get("_inference_text_cache")
         if cached is None or cached[0] != key:
-            cached = (key, compute())
+            with torch.autocast(device.type, enabled=False):  # computed once: full precision costs nothing later
+                cached = (key, compute())
             self.__dict__["_inference_text_cache"] = cached
         return cached[1]
 
