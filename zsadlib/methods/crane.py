@@ -342,15 +342,18 @@ class Crane(AnomalyMethod):
             return image @ text.t() / temperature
         return (image[:, None] @ text.transpose(1, 2))[:, 0] / temperature
 
-    def _maps(self, logits: torch.Tensor, grid, size, mode: str = "bilinear") -> torch.Tensor:
-        """logits [L, B, N, 2] -> per-entry probability maps [B, L, 2, H, W] ("soft_mean") or the fused
-        [B, 1, 2, H, W] softmax of mean upsampled logits ("logit_mean")."""
+    def _maps(self, logits: torch.Tensor, grid, size) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits [L, B, N, 2] -> (map [B, H, W] before the blur, per-entry anomalous probabilities [B, L, H, W]).
+
+        "soft_mean": the mean of the upsampled per-entry probabilities; "logit_mean": the softmax of the mean
+        upsampled logits (bilinear, align_corners=False, as regrid_upsample)."""
         entries, batch = logits.shape[:2]
-        soft = self.config.layer_fusion == "soft_mean"
-        values = logits.softmax(dim=-1) if soft else logits
-        grids = values.permute(1, 0, 3, 2).reshape(batch, entries * 2, *grid)  # [B, L*2, h, w]
-        upsampled = ops.upsample_maps(grids, size, mode).reshape(batch, entries, 2, *size)
-        return upsampled if soft else upsampled.mean(dim=1, keepdim=True).softmax(dim=2)
+        layer_maps = ops.upsample_maps(logits.softmax(dim=-1)[..., 1].transpose(0, 1).reshape(batch, entries, *grid),
+                                       size)
+        if self.config.layer_fusion == "soft_mean":
+            return layer_maps.mean(dim=1), layer_maps
+        upsampled = ops.upsample_maps(logits.permute(1, 0, 3, 2).reshape(batch, entries * 2, *grid), size)
+        return upsampled.reshape(batch, entries, 2, *size).mean(dim=1).softmax(dim=1)[:, 1], layer_maps
 
     # -- inference -------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -364,21 +367,13 @@ class Crane(AnomalyMethod):
         features = self.image_features(images)
         text = self._inference_text(features)
         logits = self._logits(features.patches, text, config.temperature)
-        probability_maps = self._maps(logits, features.grid, size)  # [B, L | 1, 2, S, S]
-        maps = probability_maps[:, :, 1].mean(dim=1)
+        maps, layer_maps = self._maps(logits, features.grid, size)
         if config.blur_sigma > 0:
             maps = ops.gaussian_blur(maps, config.blur_sigma)
         image_probabilities = self._image_logits(features, logits, text, config.temperature).softmax(dim=-1)
-        layer_maps = (probability_maps[:, :, 1] if config.layer_fusion == "soft_mean"
-                      else self._soft_layer_maps(logits, features.grid, size))
         return MethodOutput(scores=image_probabilities[:, 1], maps=maps,
                             extras={"layer_maps": layer_maps, "image_probabilities": image_probabilities,
                                     "text_features": text, "entries": self.entry_names()})
-
-    def _soft_layer_maps(self, logits, grid, size) -> torch.Tensor:
-        batch = logits.shape[1]
-        grids = logits.softmax(dim=-1)[..., 1].permute(1, 0, 2).reshape(batch, -1, *grid)
-        return ops.upsample_maps(grids, size)
 
     def entry_names(self) -> list[str]:
         names = []
