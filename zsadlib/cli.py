@@ -248,6 +248,7 @@ def _cmd_predict(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
+    _check_options(args)
     run_demo(out_dir=args.out, data_root=args.data_root, max_per_class=args.max_per_class,
              force_tiny=args.tiny, device=args.device, progress=not args.quiet)
     return 0
