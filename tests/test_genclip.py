@@ -79,15 +79,17 @@ def test_shapes_ranges_and_extras(method, tiny_backbone, tiny_images):
         assert extras[key].shape == (3, size, size)
     for key in ("enhanced_layer_maps", "query_layer_maps", "layer_maps"):
         assert extras[key].shape == (3, 4, size, size)
-        assert 0 <= float(extras[key].min()) and float(extras[key].max()) <= 1
+    # the returned (fused) layer maps are the w-weighted mean of the branches' layer maps, which differ
+    assert not torch.allclose(extras["enhanced_layer_maps"], extras["query_layer_maps"], atol=1e-4)
+    torch.testing.assert_close(extras["layer_maps"],
+                               0.5 * extras["enhanced_layer_maps"] + 0.5 * extras["query_layer_maps"])
     assert extras["text_features_query"].shape == (2, dim)
     assert extras["text_features_enhanced"].shape == (3, 4, 2, dim)
     assert extras["visual_prompts"].shape == (3, 4, 1, width)
     assert extras["prompt_names"] == ["bottle", "object", "metal nut"]
     assert extras["filter_report"].filtered == ["pcb1"]
-    for key in ("scores", "enhanced_scores", "query_scores"):
-        values = out.scores if key == "scores" else extras[key]
-        assert bool(((values >= 0) & (values <= 1)).all())
+    torch.testing.assert_close(out.scores, extras["fused_scores"], atol=0, rtol=0)
+    torch.testing.assert_close(out.maps, extras["fused_maps"], atol=0, rtol=0)
     assert "pcb1" in method.filtered_names and "bottle" in method.kept_names
     described = method.describe()
     assert "pcb1" in described["name_filter"]["filtered"] and described["our_choices"] == OUR_CHOICES
@@ -410,7 +412,8 @@ def test_training_engine_learns_and_checkpoint_reloads(tiny_backbone, synthetic_
         assert losses_after[name] < losses_before[name], name
     mean_before, mean_after = (sum(v.values()) / len(v) for v in (losses_before, losses_after))
     assert mean_after < 0.92 * mean_before  # ...by 16.5 % on average at seed 111
-    assert all(0.0 <= value <= 1.0 for value in [*aurocs_before.values(), *aurocs_after.values()])
+    for name in held_out:  # the recorded held-out AUROCs measure the trained prompts, not the initial ones
+        assert aurocs_after[name] != aurocs_before[name], name
 
     reloaded = build_method("genclip", backbone=tiny_backbone)
     reloaded.load_checkpoint(str(tmp_path / "run"))
