@@ -95,18 +95,26 @@ def _check_options(args) -> None:
 
 
 def _check_out_dir(path: str | os.PathLike) -> Path:
-    """Create ``--out`` (or check it) and make sure it takes files, before any work is done."""
+    """Fail before any work when ``--out`` cannot take the results: it is a file, lies below a file, or is (or
+    would be created in) a folder that takes no files. Creates nothing (the command does, when it writes)."""
     import tempfile
 
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} exists and is not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".zsad-write-test-"):
-            pass
-    except OSError as error:
-        raise CLIError(f"--out {out} is not a writable folder: {error.strerror or error}") from None
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CLIError(f"--out {out}: {existing} is a file, not a folder")
+    if existing == out:
+        try:
+            with tempfile.NamedTemporaryFile(dir=out, prefix=".zsad-write-test-"):
+                pass
+        except OSError as error:
+            raise CLIError(f"--out {out} is not a writable folder: {error.strerror or error}") from None
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        raise CLIError(f"--out {out} cannot be created: {existing} is not writable")
     return out
 
 
