@@ -19,8 +19,14 @@ What a run directory holds::
     checkpoints/last.safetensors  learned parameters only (CPU, contiguous), written every ``checkpoint_every``
     checkpoints/last.json         steps and at every epoch end; metadata: method + config, backbone (weights
     checkpoints/optimizer.pt      checksum), image size, versions, epoch/step/seed, dataset; optimiser + RNG state
+    checkpoints/last.prev.*,      the checkpoint before last.*, kept until the new one is complete: a crash or
+      optimizer.prev.pt           kill while writing falls back to it (resume takes the newest step whose weights,
+                                  metadata and optimiser state all exist and agree; the weights' header has the step)
     learned.safetensors           the final learned parameters, and their metadata (same format as last.*)
     learned.json
+
+Resume rules: ``batch_size``, ``seed``, ``lr``, ``betas``, ``weight_decay`` and ``precision`` must equal the
+checkpoint's (TrainingError naming the option and both values otherwise); ``epochs`` and ``max_steps`` may change.
 
 Determinism and resume: the visiting order of epoch ``e`` is ``torch.randperm`` from a generator seeded by
 ``(seed, e)``, independent of the global RNG, so a run resumed from a checkpoint taken after batch ``k`` of an
