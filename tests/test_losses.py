@@ -156,3 +156,12 @@ def test_image_cross_entropy_matches_numpy():
     assert float(image_cross_entropy(logits, labels)) == pytest.approx(expected, rel=1e-6)
     with pytest.raises(ValueError):
         image_cross_entropy(logits[0], labels)
+
+
+# ---- input checks (mutation testing: these branches were reachable by no test) ------------------------------
+def test_dice_accepts_one_value_per_sample_and_refuses_an_empty_batch():
+    pred, target = torch.tensor([0.2, 0.9, 0.5, 0.0]), torch.tensor([0.0, 1.0, 1.0, 0.0])
+    plain = 1 - np.mean([(2 * p * t + 1) / (p + t + 1) for p, t in zip(pred.tolist(), target.tolist())])
+    assert float(dice_loss(pred, target)) == pytest.approx(plain, abs=1e-6)
+    with pytest.raises(ValueError, match="^dice_loss needs a non-empty batch$"):
+        dice_loss(torch.zeros(0, 3, 3), torch.zeros(0, 3, 3))

@@ -241,6 +241,15 @@ def test_f1_max_edge_values():
     assert M.auroc([0, 1, 1], [0.5, 0.5, 0.5]) == 0.5
 
 
+def test_one_class_warns_and_names_the_undefined_metrics():
+    for call, keys in ((M.binary_metrics, "auroc, ap, f1_max"), (M.auroc, "auroc"), (M.average_precision, "ap"),
+                       (M.f1_max, "f1_max")):
+        with pytest.warns(UndefinedMetricWarning, match=rf"NaN: {keys} \(only one class present \(0 negative, 3 "):
+            out = call([1, 1, 1], [0.1, 0.5, 0.9])
+        values = out.values() if isinstance(out, dict) else [out]
+        assert all(math.isnan(v) for v in values)
+
+
 def test_labels_must_be_binary():
     with pytest.raises(ValueError):
         M.auroc([0, 2], [0.1, 0.2])
@@ -428,7 +437,12 @@ def test_compute_table_nan_class_and_mean():
         assert df.loc["mean", key] == pytest.approx((a[key] + b[key]) / 2, abs=1e-12)
     assert df.attrs["nan_classes"]["aupro_mvtec"] == ["c"]
     js = M.table_to_dict(df)
+    assert sorted(js["per_class"]) == ["a", "b", "c"]  # the mean row is not a class
+    assert js["per_class"]["a"] == {k: float(df.loc["a", k]) for k in M.METRIC_KEYS}
     assert js["per_class"]["c"]["pixel_auroc"] is None
+    assert M.table_to_dict(df.drop(index="mean"))["mean"] == {}
+    with pytest.raises(ValueError, match='^a class may not be called "mean"$'):
+        M.compute_table(labels, scores, masks, maps, ["mean"] * len(labels))
     assert js["mean"]["pixel_auroc"] == pytest.approx(df.loc["mean", "pixel_auroc"])
     assert js["nan_classes"]["image_auroc"] == ["c"]
     pct = M.format_percent(df)

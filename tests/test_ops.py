@@ -1,5 +1,6 @@
 """zsadlib.ops: every kernel against a plain implementation (numpy / scipy / explicit loops)."""
 import math
+import re
 
 import numpy as np
 import pytest
@@ -228,3 +229,27 @@ def test_layer_maps_fuse_and_pixel_probabilities_match_plain_steps():
     expected = torch.nn.functional.interpolate(probs[0].permute(0, 2, 1).reshape(2, 2, 3, 4), size=(6, 8),
                                                mode="bilinear", align_corners=False)
     torch.testing.assert_close(pixel, expected)
+
+
+# ---- input checks (mutation testing: these branches were reachable by no test) ------------------------------
+def test_sliding_windows_of_one_patch_and_bad_sizes():
+    single = ops.sliding_windows((3, 4), 1)
+    assert single.tolist() == [[i] for i in range(12)]
+    for size, stride in ((0, 1), (2, 0)):
+        with pytest.raises(ValueError, match=rf"^window size and stride must be >= 1, got size={size}, stride={stride}$"):
+            ops.sliding_windows((4, 4), size, stride)
+    for grid in ((2, 5), (5, 2)):  # too tall for one side only
+        with pytest.raises(ValueError, match=rf"^window size 3 does not fit in the {grid[0]} x {grid[1]} patch grid$"):
+            ops.sliding_windows(grid, 3)
+
+
+def test_harmonic_aggregate_and_topk_mean_refuse_bad_shapes():
+    windows = ops.sliding_windows((3, 3), 2)  # [4, 4]
+    for scores, wins in ((torch.ones(2, 4), windows[:, 0]), (torch.ones(4), windows), (torch.ones(2, 3), windows)):
+        with pytest.raises(ValueError, match=r"^window_scores \[B, M\] and windows \[M, K\] do not fit: "
+                                             rf"{re.escape(str(tuple(scores.shape)))}, {re.escape(str(tuple(wins.shape)))}$"):
+            ops.harmonic_aggregate(scores, wins, (3, 3))
+    with pytest.raises(ValueError, match=r"^x must be \[B, N\], got \(4,\)$"):
+        ops.topk_mean(torch.ones(4), 1)
+    with pytest.raises(ValueError, match=r"^k must be in 1..4, got 5$"):
+        ops.topk_mean(torch.ones(2, 4), 5)
