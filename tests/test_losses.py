@@ -165,3 +165,28 @@ def test_dice_accepts_one_value_per_sample_and_refuses_an_empty_batch():
     assert float(dice_loss(pred, target)) == pytest.approx(plain, abs=1e-6)
     with pytest.raises(ValueError, match="^dice_loss needs a non-empty batch$"):
         dice_loss(torch.zeros(0, 3, 3), torch.zeros(0, 3, 3))
+
+
+def test_focal_on_rows_equals_focal_on_one_pixel_maps_and_checks_its_inputs():
+    probs, target = random_probs(seed=7)  # [B, C, H, W], [B, H, W]
+    classes = probs.shape[1]
+    rows = probs.permute(0, 2, 3, 1).reshape(-1, classes)  # [N, C], the documented second form
+    row_target = target.reshape(-1)
+    as_maps = rows[:, :, None, None]  # each row as a 1 x 1 map
+    for alpha in (None, 0.25, [0.2] * classes):
+        assert float(focal_loss(rows, row_target, alpha=alpha)) == pytest.approx(
+            float(focal_loss(as_maps, row_target[:, None, None], alpha=alpha)), rel=1e-6)
+    assert float(focal_loss(rows, row_target, smooth=1.0)) == pytest.approx(  # smooth = 1 is allowed
+        float(focal_loss(as_maps, row_target[:, None, None], smooth=1.0)), rel=1e-6)
+    with pytest.raises(ValueError, match=rf"^target class indices must lie in 0..{classes - 1}$"):
+        focal_loss(rows, torch.full_like(row_target, classes))
+    with pytest.raises(ValueError, match=r"^probs must be \[B, C, H, W\] or \[N, C\], got \(4,\)$"):
+        focal_loss(torch.ones(4), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"^reduction must be 'mean', 'sum' or 'none', not 'max'$"):
+        focal_loss(rows, row_target, reduction="max")
+    with pytest.raises(ValueError, match=rf"^alpha has 1 weights for {classes} classes$"):
+        focal_loss(rows, row_target, alpha=[0.5])
+    with pytest.raises(ValueError, match=rf"^balance_index {classes} out of range for {classes} classes$"):
+        focal_loss(rows, row_target, alpha=0.25, balance_index=classes)
+    with pytest.raises(TypeError, match="^alpha must be None, a float, or a sequence of per-class weights$"):
+        focal_loss(rows, row_target, alpha=True)

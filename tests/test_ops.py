@@ -253,3 +253,18 @@ def test_harmonic_aggregate_and_topk_mean_refuse_bad_shapes():
         ops.topk_mean(torch.ones(4), 1)
     with pytest.raises(ValueError, match=r"^k must be in 1..4, got 5$"):
         ops.topk_mean(torch.ones(2, 4), 5)
+
+
+def test_similarity_kernels_refuse_bad_inputs_and_default_to_temperature_007():
+    patches, text = torch.randn(2, 5, 4), torch.randn(2, 4)
+    torch.testing.assert_close(ops.anomaly_probability(patches, text), ops.anomaly_probability(patches, text, 0.07))
+    cases = [
+        (lambda: ops.cosine_similarity_maps(torch.ones(5, 4), text), r"^patch_features must be \[B, N, D\], got \(5, 4\)$"),
+        (lambda: ops.cosine_similarity_maps(patches, torch.ones(4)), r"^text_features must be \[C, D\] or \[B, C, D\], got \(4,\)$"),
+        (lambda: ops.cosine_similarity_maps(patches, torch.ones(3, 2, 4)), r"^text_features batch 3 != patch batch 2$"),
+        (lambda: ops.anomaly_probability(patches, torch.ones(3, 4)), r"^text_features must hold 2 rows \(normal, anomalous\), got \(3, 4\)$"),
+        (lambda: ops.anomaly_probability(patches, text, 0.0), r"^temperature must be > 0, got 0.0$"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
