@@ -14,7 +14,8 @@ from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plain_metrics import plain_aupro_linear200, plain_aupro_mvtec  # noqa: E402
+from plain_metrics import (plain_aupro_linear200, plain_aupro_mvtec, plain_pro_curve_mvtec,  # noqa: E402
+                           plain_trapezoid)
 
 from zsadlib import metrics as M  # noqa: E402
 from zsadlib.metrics import UndefinedMetricWarning  # noqa: E402
@@ -179,6 +180,29 @@ def test_aupro_mvtec_limit_exactly_on_a_curve_point():
         )
 
 
+def test_aupro_mvtec_cut_inside_a_block_of_normal_pixels_tied_with_a_defect_score():
+    # normal pixels both strictly between and equal to the anomalous scores, cut at many max_fpr values, so the
+    # cut falls inside a tied block (the interpolated branch of the exact area)
+    masks, maps = make_set(13, n=6, h=20, w=20)
+    rng = np.random.default_rng(13)
+    levels = np.round(maps * 8) / 8
+    tied = rng.random(maps.shape) < 0.5
+    maps = np.where(masks | tied, levels, maps).astype(np.float32)
+    fprs, pros = plain_pro_curve_mvtec(masks, maps)
+    for max_fpr in np.linspace(0.03, 0.93, 16):
+        assert M.aupro(masks, maps, "mvtec", max_fpr=max_fpr) == pytest.approx(
+            plain_trapezoid(fprs, pros, max_fpr) / max_fpr, abs=TOL), max_fpr
+
+
+def test_linear200_in_small_chunks_of_anomalous_pixels(monkeypatch):
+    # the per-region histogram is accumulated over chunks of anomalous pixels (millions at full size)
+    masks, maps = make_set(3)
+    whole = M.aupro(masks, maps, "linear200")
+    monkeypatch.setattr(M, "DEFAULT_CHUNK_PIXELS", 7)
+    assert M.aupro(masks, maps, "linear200", chunk_pixels=1000) == pytest.approx(whole, abs=1e-12)
+    assert whole == pytest.approx(plain_aupro_linear200(masks, maps), abs=TOL)
+
+
 def test_regions_use_8_connectivity():
     # a 1-pixel and a 3-pixel blob touching diagonally: one region of 4 pixels under 8-connectivity
     # (PRO 1/4 when only the corner is detected); 4-connectivity would give two regions (PRO 1/2)
@@ -275,9 +299,9 @@ def full_compute(labels, scores, masks, maps, **kw):
 def test_compute_every_key_matches_sklearn_and_the_plain_loops(levels):
     # each key of compute() against an independent implementation (scikit-learn / plain_metrics), so a key
     # computed from the wrong statistic (image AP from the AUROC, F1 from the pixel set, ...) shows up
-    masks, maps = make_set(2, levels=levels)
+    masks, maps = make_set(2, n=30, h=14, w=14, levels=levels)
     rng = np.random.default_rng(2)
-    labels = rng.integers(0, 2, 40)  # the image metrics take their own set (compute does not tie them to masks)
+    labels = rng.integers(0, 2, len(masks))  # not the masks' labels, so the image keys see other data
     scores = rng.random(labels.size) + 0.3 * labels
     if levels:
         scores = np.round(scores * 3) / 3

@@ -268,3 +268,23 @@ def test_similarity_kernels_refuse_bad_inputs_and_default_to_temperature_007():
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
             call()
+
+
+def test_gaussian_blur_single_map_half_precision_truncate_and_bad_input():
+    one = rng(12).random(size=(9, 11))
+    np.testing.assert_allclose(ops.gaussian_blur(torch.from_numpy(one), 1.2).numpy(),
+                               ndimage.gaussian_filter(one, 1.2, mode="reflect", truncate=4.0), atol=1e-12)
+    np.testing.assert_allclose(ops.gaussian_blur(torch.from_numpy(one), 1.7, truncate=2.0).numpy(),
+                               ndimage.gaussian_filter(one, 1.7, mode="reflect", truncate=2.0), atol=1e-12)
+    half = torch.from_numpy(one).half()
+    blurred = ops.gaussian_blur(half, 1.2)  # blurred in float32, returned in float16
+    assert blurred.dtype == torch.float16
+    assert torch.equal(blurred, ops.gaussian_blur(half.float(), 1.2).half())
+    x = np.arange(-5, 6, dtype=np.float64)
+    plain = np.exp(-0.5 * (x / 1.2) ** 2)
+    np.testing.assert_allclose(ops.gaussian_kernel1d(1.2).numpy(), plain / plain.sum(), rtol=0, atol=1e-15)
+    for call, message in ((lambda: ops.gaussian_blur(torch.ones(4), 1.0), r"^maps must be \[\.\.\., H, W\], got \(4,\)$"),
+                          (lambda: ops.gaussian_blur(torch.ones(3, 3), -1.0), r"^sigma must be >= 0, got -1.0$"),
+                          (lambda: ops.gaussian_kernel1d(0.0), r"^sigma must be > 0, got 0.0$")):
+        with pytest.raises(ValueError, match=message):
+            call()
