@@ -465,6 +465,10 @@ def test_compute_table_nan_class_and_mean():
     assert js["per_class"]["a"] == {k: float(df.loc["a", k]) for k in M.METRIC_KEYS}
     assert js["per_class"]["c"]["pixel_auroc"] is None
     assert M.table_to_dict(df.drop(index="mean"))["mean"] == {}
+    import pandas as pd
+
+    plain_table = M.table_to_dict(pd.DataFrame({"pixel_auroc": [0.5]}, index=["a"]))  # no attrs, no mean row
+    assert plain_table == {"per_class": {"a": {"pixel_auroc": 0.5}}, "mean": {}, "nan_classes": {}}
     with pytest.raises(ValueError, match='^a class may not be called "mean"$'):
         M.compute_table(labels, scores, masks, maps, ["mean"] * len(labels))
     assert js["mean"]["pixel_auroc"] == pytest.approx(df.loc["mean", "pixel_auroc"])
