@@ -251,6 +251,7 @@ def test_visual_prompts_and_enhanced_text_follow_the_formula(per_prompt, tiny_ba
         marker = int(tiny_backbone.tokenize(["X"])[0, 1])
         embedding = tiny_backbone.model.token_embedding
         text = out.extras["text_features_enhanced"]  # [B, L, 2, D]
+        rows, row_ids, wanted = [], [], []
         for p, template in enumerate(("{} bottle.", "{} damaged bottle.")):
             ids = tiny_backbone.tokenize([template.replace("{}", " ".join(["X"] * other.text.n_ctx))])[0]
             spots = ids == marker
@@ -259,8 +260,11 @@ def test_visual_prompts_and_enhanced_text_follow_the_formula(per_prompt, tiny_ba
                 for layer in range(4):
                     tokens = embedding(ids).clone()
                     tokens[spots] = other.text.context[p] + expected[image, layer, p if per_prompt else 0]
-                    want = F.normalize(other.text.encode(tokens[None], ids[None]).float(), dim=-1)[0]
-                    torch.testing.assert_close(text[image, layer, p], want, atol=1e-5, rtol=1e-5)
+                    rows.append(tokens)
+                    row_ids.append(ids)
+                    wanted.append(text[image, layer, p])
+        plain = F.normalize(other.text.encode(torch.stack(rows), torch.stack(row_ids)).float(), dim=-1)
+        torch.testing.assert_close(torch.stack(wanted), plain, atol=1e-5, rtol=1e-5)
 
 
 def test_batch_of_one_equals_batch_of_eight(method, images8):
