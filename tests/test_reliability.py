@@ -342,6 +342,12 @@ def test_compute_table_refuses_class_names_of_another_length():
         M.compute_table([0, 1, 0], [0.1, 0.9, 0.2], masks, maps, ["a", "a", "a"])
 
 
+def test_compute_refuses_labels_shorter_than_the_maps():
+    maps = np.random.default_rng(0).random((4, 8, 8)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"labels has 3 items but masks has 4"):
+        M.compute([0, 1, 0], [0.1, 0.9, 0.2], maps > 0.9, maps)
+
+
 def test_compute_of_no_images_says_so():
     with pytest.raises(ValueError, match="no images"):
         M.compute([], [], None, None)

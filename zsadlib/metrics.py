@@ -683,12 +683,8 @@ def _compute(labels, scores, masks, maps, *, aupro_variants, max_fpr, chunk_pixe
     unknown = [v for v in aupro_variants if v not in AUPRO_VARIANTS]
     if unknown:
         raise ValueError(f"unknown AUPRO variants {unknown}; choose from {AUPRO_VARIANTS}")
-    # the image set (labels, scores) and the pixel set (masks, maps) may differ (callers score images and pixels
-    # of different sets); within each set the lengths must agree, and compute_table ties all of them together
-    _check_lengths(labels=labels, scores=scores)
-    _check_lengths(masks=masks, maps=maps)
-    if all(x is not None and _length(x) == 0 for x in (labels, scores)) and masks is None and maps is None:
-        raise ValueError("no images")
+    # one row per image in every input: a shorter one would silently drop images
+    _check_lengths(labels=labels, scores=scores, masks=masks, maps=maps)
     values: dict[str, float] = {}
     reasons: dict[str, str] = {}
     if labels is None or scores is None:
