@@ -183,11 +183,19 @@ def load_checkpoint(method: AnomalyMethod, path: str | Path) -> dict[str, Any]:
     Tensors are always read onto the CPU first (whatever device they were saved from) and then copied onto
     the device of the method's parameters. A different backbone or config only warns.
     """
+    path = _resolve_checkpoint(path)
+    meta = _read_metadata(path)
+    load_learned_file(method, path, meta)
+    return meta
+
+
+def load_learned_file(method, path: Path, meta: dict[str, Any]) -> None:
+    """Load the learned parameters of one ``.safetensors`` file (``meta``: its JSON) into ``method``, after checking
+    the method's name (CheckpointError) and warning about a different backbone or config; tensors are read onto the
+    CPU first."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = _resolve_checkpoint(path)
-    meta = _read_metadata(path)
     saved = meta.get("method")
     if saved != method.name:
         raise CheckpointError(
@@ -200,7 +208,6 @@ def load_checkpoint(method: AnomalyMethod, path: str | Path) -> dict[str, Any]:
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None
     method.load_learned_state_dict(state, source=str(path))
-    return meta
 
 
 def _warn_differences(method: AnomalyMethod, meta: dict[str, Any], path: Path) -> None:

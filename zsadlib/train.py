@@ -71,6 +71,7 @@ from .checkpoint import (  # noqa: F401 - checkpoint I/O lives in checkpoint.py;
     _warn_differences,
     _write_json,
     load_checkpoint,
+    load_learned_file,
     read_checkpoint_step,
     save_learned,
 )
@@ -404,9 +405,6 @@ def _resume(method: AnomalyMethod, optimizer, scaler, ckpt_dir: Path, config: Tr
             dataset_info: dict[str, Any]) -> dict[str, Any]:
     """Load the newest consistent checkpoint into the method and optimiser; return its metadata (with
     ``_used_previous`` True when it came from the .prev files)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     weights, meta, opt_path, saved, used_previous = _newest_consistent_checkpoint(ckpt_dir)
     saved_train = meta.get("train_config") or {}
     problems = []
@@ -429,15 +427,7 @@ def _resume(method: AnomalyMethod, optimizer, scaler, ckpt_dir: Path, config: Tr
         )
     if saved.get("step") != meta.get("step"):  # pragma: no cover - _newest_consistent_checkpoint matched them
         raise TrainingError(f"checkpoint files in {ckpt_dir} disagree")
-    if meta.get("method") != method.name:
-        raise CheckpointError(f"checkpoint {weights} holds learned parameters of method {meta.get('method')!r}, "
-                              f"not {method.name!r}")
-    _warn_differences(method, meta, weights)
-    try:
-        state = load_file(str(weights), device="cpu")
-    except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"cannot read checkpoint {weights}: {error}") from None
-    method.load_learned_state_dict(state, source=str(weights))
+    load_learned_file(method, weights, meta)
     try:
         optimizer.load_state_dict(saved["optimizer"])
     except (ValueError, KeyError) as error:
