@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -86,3 +87,16 @@ def max_abs_diff(ours, theirs) -> float:
     theirs = np.asarray(theirs, dtype=np.float32)
     assert ours.shape == theirs.shape, f"shape {ours.shape} != reference {theirs.shape}"
     return float(np.abs(ours - theirs).max())
+
+
+# -- fixtures of the reference-equality tests (import them into a test module: ``from .reference import backbone``) --
+@pytest.fixture(scope="module")
+def backbone():
+    """:func:`reference_backbone` at 240 px."""
+    return reference_backbone()
+
+
+@pytest.fixture(scope="module")
+def images():
+    """:func:`reference_images`: [2, 3, 240, 240]."""
+    return reference_images()

@@ -20,7 +20,8 @@ import torch
 from zsadlib.methods.anomalyclip import PAPER_LAYERS, RELEASED_LAYERS, AnomalyCLIP, AnomalyCLIPConfig, \
     convert_reference_state_dict
 
-from .reference import REF_IMAGE_SIZE, REF_MODEL, load_fixture, max_abs_diff, reference_backbone, reference_images
+from .reference import REF_IMAGE_SIZE, REF_MODEL, load_fixture, max_abs_diff, reference_images
+from .reference import backbone, images  # noqa: F401 (fixtures)
 
 TOL = 1e-5
 COMMIT = "45ed4dd"
@@ -62,16 +63,6 @@ def _fixture(variant: str) -> tuple[dict, dict]:
         first, _ = load_fixture(shared["fixture"])
         arrays.update({key: first[key] for key in shared["keys"]})
     return arrays, meta
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    return reference_backbone()
-
-
-@pytest.fixture(scope="module")
-def images():
-    return reference_images()
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))

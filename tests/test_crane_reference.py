@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.reference import FIXTURES, load_fixture, max_abs_diff, reference_backbone, reference_images
+from tests.reference import FIXTURES, load_fixture, max_abs_diff
+from tests.reference import backbone, images  # noqa: F401 (fixtures)
 from zsadlib.methods import build_method, get_method_class
 
 TOLERANCE = 1e-5
@@ -20,16 +21,6 @@ pytestmark = pytest.mark.skipif(not (FIXTURES / "crane_reference.npz").exists(),
 @pytest.fixture(scope="module")
 def fixture():
     return load_fixture("crane_reference")
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    return reference_backbone()
-
-
-@pytest.fixture(scope="module")
-def images():
-    return reference_images()
 
 
 def _reference_checkpoint(arrays, tmp_path) -> str:

@@ -12,19 +12,10 @@ import torch
 from zsadlib.methods import MethodError, build_method
 from zsadlib.methods.vip2clip import convert_reference_state_dict
 
-from .reference import load_fixture, max_abs_diff, reference_backbone, reference_images
+from .reference import load_fixture, max_abs_diff
+from .reference import backbone, images  # noqa: F401 (fixtures)
 
 TOLERANCE = 1e-5
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    return reference_backbone()
-
-
-@pytest.fixture(scope="module")
-def images():
-    return reference_images()
 
 
 @pytest.fixture(scope="module")
