@@ -69,7 +69,7 @@ def test_widgets_drive_the_state_headless():
 def test_explorer_recombination_equals_the_method(tiny_backbone, synthetic_root):
     """Recombining stored per-layer maps (blur is linear) reproduces GenCLIP's own maps for any weight."""
     from zsadlib.data import open_dataset
-    from zsadlib.dual_branch import collect_branches, explorer_items, fusion_sweep
+    from zsadlib.studies.dual_branch import collect_branches, explorer_items, fusion_sweep
     from zsadlib.evaluate import run_method
     from zsadlib.methods import build_method
 

@@ -13,9 +13,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import ops
-from .backbone import Backbone, WeightsNotFoundError, load_backbone
-from .metrics import compute
+from .. import ops
+from ..backbone import Backbone, WeightsNotFoundError, load_backbone
+from ..metrics import compute
 
 __all__ = ["load_backbone_or_tiny", "prompt_pair_embeddings", "layer_similarity_maps", "layer_map_metrics"]
 

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import metrics as metrics_module
-from . import ops
-from .data import AnomalyDataset, collate_samples
-from .evaluate import run_method
-from .methods.base import AnomalyMethod
-from .viz import ExplorerItem
+from .. import metrics as metrics_module
+from .. import ops
+from ..data import AnomalyDataset, collate_samples
+from ..evaluate import run_method
+from ..methods.base import AnomalyMethod
+from ..viz import ExplorerItem
 
 __all__ = ["BranchOutputs", "collect_branches", "branch_metrics", "fusion_sweep", "filter_effect", "explorer_items"]
 
