@@ -146,7 +146,8 @@ def _box_mask(box, size=(W, H)) -> np.ndarray:
 
 def test_kinds_listed():
     assert set(DATASET_KINDS) == {
-        "mvtec", "visa", "btad", "mpdd", "dtd_synthetic", "meta_json", "folder", "synthetic"
+        "mvtec", "visa", "btad", "mpdd", "dtd_synthetic", "meta_json", "folder", "synthetic",
+        "ksdd", "dagm", "headct", "brainmri", "br35h", "isic", "colondb", "clinicdb", "kvasir", "endo", "tn3k",
     }
 
 

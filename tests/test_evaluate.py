@@ -1,6 +1,7 @@
 """Evaluation engine: per-class table equals the metrics of the maps computed directly; outputs; precision."""
 import csv
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -90,10 +91,12 @@ def test_image_label_only_dataset_gives_nan_pixel_metrics(winclip_tiny, tmp_path
         for i in range(3):
             Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "parts" / folder / f"{i}.png")
     dataset = open_dataset("folder", tmp_path / "parts", image_size=TINY_SIZE)
-    with pytest.warns(metrics.UndefinedMetricWarning):
+    with warnings.catch_warnings():  # pixel metrics are left out by design: no UndefinedMetricWarning
+        warnings.simplefilter("error", metrics.UndefinedMetricWarning)
         result = evaluate(winclip_tiny, dataset, progress=False)
-    assert np.isnan(result.metrics["pixel_auroc"] if result.metrics["pixel_auroc"] is not None else np.nan)
+    assert result.metrics["pixel_auroc"] is None and result.metrics["aupro_linear200"] is None
     assert result.metrics["image_auroc"] is not None
+    assert result.summary["dataset"]["metric_levels"] == ["image"]
 
 
 def test_build_method_records_the_backbone_it_was_given_and_falls_back_to_tiny(tiny_backbone):

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from . import metrics as metrics_module
 from .checkpoint import atomic_write
-from .data import AnomalyDataset, collate_samples
+from .data import AnomalyDataset, collate_samples, metric_levels
 from .methods.base import AnomalyMethod, MethodOutput
 from .runtime import PRECISIONS, Precision, autocast  # noqa: F401 - importable from here as before
 from .utils import json_safe, package_versions
@@ -164,8 +164,10 @@ def evaluate(
         inference_seconds = time.time() - started
         maps.flush()
         kept_maps = {int(i): np.array(maps[int(i)]) for i in keep_maps_for}
+        # a set without normal images (ISIC, ColonDB, ...) or without masks (HeadCT, ...) leaves that level out
+        levels = metric_levels(dataset) or metrics_module.LEVELS
         table = metrics_module.compute_table(labels, scores, masks, maps, class_names,
-                                             aupro_variants=aupro_variants, progress=progress)
+                                             aupro_variants=aupro_variants, progress=progress, levels=levels)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     table_dict = metrics_module.table_to_dict(table)
@@ -185,7 +187,8 @@ def evaluate(
         "preprocessing": _describe_preprocessing(dataset),
         "dataset": {"kind": dataset.kind, "root": str(dataset.root), "split": dataset.split,
                     "classes": list(dataset.class_names), "images": count,
-                    "anomalous": int(labels.sum()), "has_masks": bool(dataset.has_masks)},
+                    "anomalous": int(labels.sum()), "has_masks": bool(dataset.has_masks),
+                    "metric_levels": list(levels)},
         "run": {"batch_size": batch_size, "precision": precision, "seed": seed,
                 "device": str(method.backbone.device), "inference_seconds": round(inference_seconds, 3),
                 "total_seconds": round(time.time() - started, 3)},

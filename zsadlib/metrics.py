@@ -79,6 +79,7 @@ __all__ = [
     "AUPRO_VARIANTS",
     "DEFAULT_CHUNK_PIXELS",
     "IMAGE_KEYS",
+    "LEVELS",
     "METRIC_KEYS",
     "PIXEL_KEYS",
     "UndefinedMetricWarning",
@@ -99,6 +100,7 @@ AUPRO_VARIANTS = ("mvtec", "linear200")
 IMAGE_KEYS = ("image_auroc", "image_ap", "image_f1_max")
 PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "pixel_f1_max")
 METRIC_KEYS = IMAGE_KEYS + PIXEL_KEYS + tuple(f"aupro_{v}" for v in AUPRO_VARIANTS)
+LEVELS = ("image", "pixel")  # compute_table(levels=...): image keys; pixel keys and AUPRO
 DEFAULT_CHUNK_PIXELS = 1 << 22  # pass 1 (regions): about 16 images of 518 x 518 per chunk
 DEFAULT_SORT_CHUNK_PIXELS = 1 << 25  # pass 2 (sorting): about 125 images of 518 x 518 per chunk
 LINEAR_STEPS = 200
@@ -678,16 +680,20 @@ def _check_lengths(**arrays) -> None:
         raise ValueError("no images")
 
 
-def _compute(labels, scores, masks, maps, *, aupro_variants, max_fpr, chunk_pixels, progress):
+def _compute(labels, scores, masks, maps, *, aupro_variants, max_fpr, chunk_pixels, progress, levels=LEVELS):
     """compute() without the warning -> (values, reasons)."""
     unknown = [v for v in aupro_variants if v not in AUPRO_VARIANTS]
     if unknown:
         raise ValueError(f"unknown AUPRO variants {unknown}; choose from {AUPRO_VARIANTS}")
+    if not set(levels) <= set(LEVELS):
+        raise ValueError(f"unknown metric levels {sorted(set(levels) - set(LEVELS))}; choose from {LEVELS}")
     # one row per image in every input: a shorter one would silently drop images
     _check_lengths(labels=labels, scores=scores, masks=masks, maps=maps)
     values: dict[str, float] = {}
     reasons: dict[str, str] = {}
-    if labels is None or scores is None:
+    if "image" not in levels:  # left out on purpose (e.g. a set without normal images): NaN, no warning
+        values.update({key: _NAN for key in IMAGE_KEYS})
+    elif labels is None or scores is None:
         why = "no image labels or scores given"
         for key in IMAGE_KEYS:
             values[key], reasons[key] = _NAN, why
@@ -696,7 +702,9 @@ def _compute(labels, scores, masks, maps, *, aupro_variants, max_fpr, chunk_pixe
         if why:
             reasons.update({key: why for key in IMAGE_KEYS})
     pixel_keys = list(PIXEL_KEYS) + [f"aupro_{v}" for v in aupro_variants]
-    if masks is None or maps is None:
+    if "pixel" not in levels:  # left out on purpose (e.g. a set without masks): NaN, no warning
+        values.update({key: _NAN for key in pixel_keys})
+    elif masks is None or maps is None:
         why = "no masks" if masks is None else "no maps"
         for key in pixel_keys:
             values[key], reasons[key] = _NAN, why
@@ -736,14 +744,16 @@ def _select(x, idx: np.ndarray):
 
 def compute_table(labels: Any, scores: Any, masks: Any, maps: Any, class_names: Sequence[str], *,
                   aupro_variants: Sequence[str] = AUPRO_VARIANTS, max_fpr: float = 0.3,
-                  chunk_pixels: int | None = None, progress: bool = False):
+                  chunk_pixels: int | None = None, progress: bool = False, levels: Sequence[str] = LEVELS):
     """Per-class metrics and their macro mean.
 
     labels [N], scores [N], masks [N,H,W] or None, maps [N,H,W] or None, class_names [N] (the class
     of each item). Returns a pandas DataFrame indexed by class (in order of first appearance) with
     a final "mean" row: the NaN-aware mean over classes (NaN only if every class is NaN). The
     classes that were NaN per metric are in ``df.attrs["nan_classes"]``; a single
-    UndefinedMetricWarning lists them with reasons. See :func:`table_to_dict` for JSON.
+    UndefinedMetricWarning lists them with reasons. See :func:`table_to_dict` for JSON. ``levels``: the
+    metric levels to compute ("image", "pixel"); the keys of a level left out are NaN without a warning
+    (for sets that cannot define them: no normal images, no masks).
     """
     import pandas as pd
 
@@ -757,7 +767,7 @@ def compute_table(labels: Any, scores: Any, masks: Any, maps: Any, class_names: 
         idx = np.flatnonzero(names == cls)
         values, reasons = _compute(_select(labels, idx), _select(scores, idx), _select(masks, idx),
                                    _select(maps, idx), aupro_variants=aupro_variants, max_fpr=max_fpr,
-                                   chunk_pixels=chunk_pixels, progress=False)
+                                   chunk_pixels=chunk_pixels, progress=False, levels=levels)
         rows[cls] = values
         if reasons:
             notes.append((cls, reasons))

@@ -15,6 +15,7 @@ Layouts, the meta.json format and the bad-input policy are documented in ``data/
 
 from . import meta_json, synthetic, transforms
 from .adapters import DATASET_KINDS, open_dataset, scan_folder, scan_mvtec_like, scan_visa
+from .benchmarks import IMAGE_ONLY_KINDS, PIXEL_ONLY_KINDS, metric_levels, scan_dagm
 from .base import (
     IMAGE_EXTENSIONS,
     AnomalyDataset,
@@ -34,6 +35,8 @@ from .transforms import OPENAI_MEAN, OPENAI_STD, ImageTransform, MaskTransform, 
 __all__ = [
     "DATASET_KINDS",
     "IMAGE_EXTENSIONS",
+    "IMAGE_ONLY_KINDS",
+    "PIXEL_ONLY_KINDS",
     "OPENAI_MEAN",
     "OPENAI_STD",
     "AnomalyDataset",
@@ -48,10 +51,12 @@ __all__ = [
     "denormalize",
     "ensure_synthetic",
     "meta_json",
+    "metric_levels",
     "open_dataset",
     "read_image",
     "read_mask",
     "read_meta_json",
+    "scan_dagm",
     "scan_folder",
     "scan_mvtec_like",
     "scan_visa",

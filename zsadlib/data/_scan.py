@@ -25,6 +25,20 @@ LAYOUTS: dict[str, str] = {
     "folder": "<root>/good/*, <root>/bad/* (any image extension), optional "
     "<root>/masks/<stem>.* or <root>/masks/<stem>_mask.* for bad images",
     "synthetic": "MVTec layout written by zsadlib.data.synthetic.generate (plus <root>/meta.json)",
+    "ksdd": "<root>/<class>/{train,test}/<defect|good>/<name>.png with masks "
+    "<root>/<class>/ground_truth/<defect>/<name>_mask.png (class 'electrical commutators')",
+    "dagm": "<root>/Class<k>/{Train,Test}/<name>.PNG with masks <root>/Class<k>/{Train,Test}/Label/<name>_label.PNG "
+    "(an image is anomalous when it has a label file)",
+    "headct": "<root>/<class>/test/{good,<defect>}/<name>.png, no masks (class 'brain')",
+    "brainmri": "<root>/brain_tumor_dataset/{no,yes}/<name>.jpg, no masks",
+    "br35h": "<root>/{no,yes}/<name>.jpg or <root>/brain/{no,yes}/<name>.jpg, no masks",
+    "isic": "<root>/<class>/test/<defect>/<name>.jpg with masks <root>/<class>/ground_truth/<name>_Segmentation.png "
+    "(or ISBI2016_ISIC_Part1_Test_GroundTruth/ instead of ground_truth/; class 'skin')",
+    "colondb": "<root>/images/<name>.png with masks <root>/masks/<name>.png",
+    "clinicdb": "<root>/images/<name>.png with masks <root>/masks/<name>.png",
+    "kvasir": "<root>/images/<name>.jpg with masks <root>/masks/<name>.jpg",
+    "endo": "<root>/<images folder>/<name>.jpg (any folder but masks/; good/ is normal) with masks <root>/masks/<name>.*",
+    "tn3k": "<root>/test-image/<name>.jpg with masks <root>/test-mask/<name>.jpg",
 }
 
 
@@ -62,25 +76,24 @@ class MaskIndex:
     """Masks of one folder indexed by file stem; pairs an image with its mask by name.
 
     For an image ``<stem>.<ext>`` the mask is ``<stem>_mask.<any ext>`` (MVTec convention), else
-    ``<stem>.<any ext>`` (BTAD and others). Two files with the same candidate stem but different
+    ``<stem>.<any ext>`` (BTAD and others); ``suffixes`` sets the candidate endings tried in order
+    (DAGM: ``_label``, ISIC: ``_Segmentation``). Two files with the same candidate stem but different
     extensions are ambiguous -> DatasetError. Pairing never depends on sort order.
     """
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, suffixes: Sequence[str] = ("_mask", "")) -> None:
         self.folder = folder
+        self.suffixes = tuple(suffixes)
         self.by_stem: dict[str, list[Path]] = {}
         for p in list_images(folder):
             self.by_stem.setdefault(p.stem, []).append(p)
 
     def expected(self, image: Path) -> str:
         exts = "|".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
-        return (
-            f"{self.folder / (image.stem + '_mask')}.<{exts}> or "
-            f"{self.folder / image.stem}.<{exts}>"
-        )
+        return " or ".join(f"{self.folder / (image.stem + suffix)}.<{exts}>" for suffix in self.suffixes)
 
     def find(self, image: Path) -> Path | None:
-        for stem in (image.stem + "_mask", image.stem):
+        for stem in (image.stem + suffix for suffix in self.suffixes):
             hits = self.by_stem.get(stem)
             if not hits:
                 continue

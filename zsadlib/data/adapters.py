@@ -28,6 +28,7 @@ from ._scan import (
     wanted_classes,
 )
 from .base import AnomalyDataset, DatasetError, DatasetWarning, Record, TransformArg
+from .benchmarks import scan_benchmark, scan_dagm
 from .meta_json import read_meta_json
 from .synthetic import DEFAULT_ROOT as SYNTHETIC_ROOT
 
@@ -46,6 +47,17 @@ DATASET_KINDS: tuple[str, ...] = (
     "btad",
     "mpdd",
     "dtd_synthetic",
+    "ksdd",
+    "dagm",
+    "headct",
+    "brainmri",
+    "br35h",
+    "isic",
+    "colondb",
+    "clinicdb",
+    "kvasir",
+    "endo",
+    "tn3k",
     "meta_json",
     "folder",
     "synthetic",
@@ -245,9 +257,15 @@ def open_dataset(
     if root is None and kind != "synthetic":
         raise DatasetError(f"open_dataset({kind!r}, root=None): a root folder is required")
     has_masks = True
-    if kind in ("mvtec", "mpdd", "dtd_synthetic"):
+    if kind in ("mvtec", "mpdd", "dtd_synthetic", "ksdd"):
         root = Path(root)  # type: ignore[arg-type]
         records = scan_mvtec_like(root, split, classes, ("good",), kind)
+    elif kind == "dagm":
+        root = Path(root)  # type: ignore[arg-type]
+        records = scan_dagm(root, split, classes)
+    elif kind in ("headct", "brainmri", "br35h", "isic", "colondb", "clinicdb", "kvasir", "endo", "tn3k"):
+        root = Path(root)  # type: ignore[arg-type]
+        records, has_masks = scan_benchmark(kind, root, split, classes)
     elif kind == "btad":
         root = Path(root)  # type: ignore[arg-type]
         records = scan_mvtec_like(root, split, classes, ("ok", "good"), kind)
