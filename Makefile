@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.zsadlib-installed
 # tests never touch the network; the demo may download the paper's weights when the hub is reachable
 TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONHASHSEED=0
 
-.PHONY: venv test test-fast demo bench data notebooks-clean clean lab mutants
+.PHONY: venv test test-fast demo bench data notebooks-clean clean lab mutants regress
 
 venv: $(STAMP)
 
@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade --quiet "pip>=24"
 	$(BIN)/python -m pip install --quiet -e '.[notebooks,test]'
+	$(BIN)/python -m pip install --quiet -e '.[distributed]'  # Ray, for the sweep engine's tests
 	$(BIN)/python -m ipykernel install --prefix $(VENV) --name python3 --display-name "zsadlib (.venv)" > /dev/null
 	touch $(STAMP)
 
@@ -27,6 +28,11 @@ test-fast: venv
 
 demo: venv
 	$(BIN)/zsad demo
+
+# every notebook at its smoke parameters, as one sweep, against tests/notebooks/expected: a table of what moved
+regress: venv
+	rm -rf outputs/regress/runs
+	$(TEST_ENV) $(BIN)/python -m zsadlib.sweep.regress --out outputs/regress
 
 data: venv
 	$(BIN)/zsad data synth --out data/synthetic

@@ -262,6 +262,35 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_sweep(args) -> int:
+    from .sweep import collect, load_spec, run_sweep
+
+    if args.spec == "collect":
+        if not args.folder:
+            raise CLIError("zsad sweep collect OUT: name the sweep's output folder")
+        results, runs = collect(args.folder)
+        print(f"{len(runs)} runs ({(runs.status == 'done').sum()} done), {len(results)} rows: "
+              f"{Path(args.folder) / 'results.csv'}, runs.csv")
+        return 0
+    if args.folder:
+        raise CLIError(f"zsad sweep SPEC.yaml takes one spec file (got {args.folder!r} too)")
+    _check_options(args)
+    spec = load_spec(args.spec)
+    result = run_sweep(spec, out=args.out, engine=args.engine, jobs=args.jobs, address=args.address,
+                       progress=not args.quiet)
+    print(result.summary())
+    for record in result.failed:
+        print(f"failed: {record['run_id']}: {record.get('error')} (see its error.json)")
+    return 1 if result.failed else 0
+
+
+def _cmd_reproduce(args) -> int:
+    from .reproduce import reproduce_command
+
+    _check_options(args)
+    return reproduce_command(args)
+
+
 def _add_model_args(parser: argparse.ArgumentParser, with_checkpoint: bool = True,
                     with_batch_size: bool = True) -> None:
     parser.add_argument("--method", required=True, help="a method from `zsad methods`")
@@ -275,6 +304,13 @@ def _add_model_args(parser: argparse.ArgumentParser, with_checkpoint: bool = Tru
         parser.add_argument("--batch-size", type=int, default=8)
     if with_checkpoint:
         parser.add_argument("--checkpoint", default=None, help="learned parameters (.safetensors) of a trained run")
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", default="local", choices=["local", "ray"],
+                        help="local: a process pool on this machine; ray: a Ray cluster (pip install zsadlib[distributed])")
+    parser.add_argument("--jobs", type=int, default=None, help="local engine: parallel runs (default: CPUs / num_cpus)")
+    parser.add_argument("--address", default=None, help="ray engine: auto | ray://HOST:PORT (default: a local Ray)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -344,6 +380,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--tiny", action="store_true", help="use the tiny random-weight backbone")
     demo.add_argument("--device", default="auto")
     demo.set_defaults(func=_cmd_demo)
+
+    sweep = sub.add_parser("sweep", parents=[common],
+                           help="run a notebook or entry point over parameter sets (resumable), or collect results")
+    sweep.add_argument("spec", help="SPEC.yaml, or 'collect' to merge OUT's metrics.json files into results.csv")
+    sweep.add_argument("folder", nargs="?", default=None, help="with collect: the sweep's output folder")
+    sweep.add_argument("--out", default=None, help="output folder (default: the spec's 'out')")
+    _add_engine_args(sweep)
+    sweep.set_defaults(func=_cmd_sweep)
+
+    reproduce = sub.add_parser("reproduce", parents=[common],
+                               help="the papers' zero-shot protocol on target datasets, against the published table")
+    from .reproduce import add_arguments as _reproduce_arguments
+
+    _reproduce_arguments(reproduce)
+    _add_engine_args(reproduce)
+    reproduce.set_defaults(func=_cmd_reproduce)
     return parser
 
 
