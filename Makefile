@@ -7,9 +7,9 @@ STAMP  := $(VENV)/.zsadlib-installed
 # tests never touch the network; the demo may download the paper's weights when the hub is reachable
 TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONHASHSEED=0
 
-.PHONY: venv test test-fast demo bench data notebooks-clean clean lab mutants regress
+.PHONY: venv test test-fast demo bench data notebooks-clean clean lab mutants regress git-filter report
 
-venv: $(STAMP)
+venv: $(STAMP) git-filter
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,11 +19,34 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m ipykernel install --prefix $(VENV) --name python3 --display-name "zsadlib (.venv)" > /dev/null
 	touch $(STAMP)
 
-test: venv
+# nbstripout as git's clean filter for *.ipynb (.gitattributes, tracked): a notebook saved with outputs stays clean
+# in git. The filter lives in .git/config, which a clone does not copy, so every `make venv` (re)installs it
+# (idempotent; outside a git work tree it does nothing). The extra keys: what a kernel or papermill adds on a run.
+NBSTRIPOUT_KEYS := metadata.language_info.version metadata.papermill cell.metadata.papermill
+git-filter: $(STAMP)
+	@if git rev-parse --git-dir > /dev/null 2>&1; then \
+		$(BIN)/nbstripout --install --attributes .gitattributes && \
+		git config filter.nbstripout.extrakeys "$(NBSTRIPOUT_KEYS)"; fi
+
+# strip outputs and volatile metadata from the notebooks on disk (git already stores them stripped); rewrites only
+# the files a save after Run All changed. `make test` runs it: a notebook saved with outputs never fails the tests.
+notebooks-clean: venv
+	@for nb in notebooks/*.ipynb; do \
+		$(BIN)/nbstripout --verify --extra-keys "$(NBSTRIPOUT_KEYS)" "$$nb" > /dev/null || { \
+		$(BIN)/nbstripout --extra-keys "$(NBSTRIPOUT_KEYS)" "$$nb" && echo "stripped outputs from $$nb"; }; done
+
+# HTML reports (figures inline, widget state saved) of the notebooks, executed with PRESET into REPORT_DIR;
+# `make report PRESET=paper` for the papers' settings. Already executed notebooks: zsad report FILES --out DIR
+PRESET     ?= quick
+REPORT_DIR ?= outputs/reports
+report: venv
+	$(BIN)/zsad report notebooks --execute --preset $(PRESET) --out $(REPORT_DIR)
+
+test: venv notebooks-clean
 	$(TEST_ENV) $(BIN)/python -m pytest -q -rs
 
 # unit tests only (no notebook runs)
-test-fast: venv
+test-fast: venv notebooks-clean
 	$(TEST_ENV) $(BIN)/python -m pytest -q -m "not notebook"
 
 demo: venv

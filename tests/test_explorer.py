@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from zsadlib.viz import Explorer, ExplorerItem, ExplorerState, explorer_map, heatmap_overlay, render_explorer
+from zsadlib.viz import (ALL_LAYERS, Explorer, ExplorerItem, ExplorerState, explorer_map, explorer_scale,
+                         heatmap_overlay, render_explorer)
 
 
 def make_items():
@@ -39,10 +40,30 @@ def test_render_is_pure_and_shows_the_selected_map():
     np.testing.assert_array_equal(first.amap, second.amap)
     expected = 0.25 * items[1].layer_maps["enhanced"].sum(0) + 0.75 * items[1].layer_maps["query"].sum(0)
     np.testing.assert_allclose(first.amap, expected.numpy(), rtol=1e-6)
+    # one colour scale for both branches and every weight: the min / max over the two single-branch maps
+    single = [items[1].layer_maps[b].sum(0) for b in ("enhanced", "query")]
+    low, high = min(float(m.min()) for m in single), max(float(m.max()) for m in single)
+    assert first.scale == pytest.approx((low, high))
     shown = first.figure.axes[2].images[0].get_array()
-    np.testing.assert_array_equal(np.asarray(shown), heatmap_overlay(items[1].image, first.amap, vmin=0.0,
-                                                                     vmax=float(first.amap.max())))
+    np.testing.assert_array_equal(np.asarray(shown), heatmap_overlay(items[1].image, first.amap, vmin=first.scale[0],
+                                                                     vmax=first.scale[1]))
     assert "1.png" in first.title and "w=0.25" in first.title
+    colorbar = first.figure.axes[3]  # the colorbar states the scale
+    assert colorbar.get_ylim() == pytest.approx((low, high))
+
+
+def test_every_fusion_weight_stays_inside_the_shared_scale():
+    """The old per-map scale stretched each fused map to its own max (w = 0.9 all red); the shared scale holds
+    every fused map, and a near-single-branch weight does not fill the scale."""
+    item = make_items()[2]
+    for layer in (None, 1):
+        scale = explorer_scale(item, ExplorerState("bottle", layer=layer))
+        for weight in np.linspace(0, 1, 11):
+            view = render_explorer([item], ExplorerState("bottle", layer=layer, fusion_weight=float(weight)))
+            assert view.scale == scale
+            assert scale[0] - 1e-6 <= view.amap.min() and view.amap.max() <= scale[1] + 1e-6
+    fused = render_explorer([item], ExplorerState("bottle", fusion_weight=0.5)).amap
+    assert fused.max() < explorer_scale(item, ExplorerState("bottle"))[1] - 1e-3  # averaging two random maps lowers the peak: it no longer maps to red
 
 
 def test_widgets_drive_the_state_headless():
@@ -50,18 +71,30 @@ def test_widgets_drive_the_state_headless():
     items = make_items()
     explorer = Explorer(items, layers=(6, 12, 18, 24))
     assert explorer.renders == 1
+    layer = explorer.widgets["layer"]
+    assert layer.label == "all layers" and layer.value == ALL_LAYERS and explorer.state.layer is None
+    assert [label for label, _ in layer.options] == ["all layers", "layer 6", "layer 12", "layer 18", "layer 24"]
+    assert "all layers" in explorer.view.title
+    assert explorer.widgets["fusion_weight"].disabled is False
     explorer.widgets["branch"].value = "query"
+    assert explorer.widgets["fusion_weight"].disabled is True  # the weight has no effect on one branch
     explorer.widgets["layer"].value = 3
     np.testing.assert_array_equal(explorer.view.amap, items[0].layer_maps["query"][3].numpy())
     explorer.widgets["class_name"].value = "pcb1"
     assert explorer.widgets["image_index"].max == 1
     explorer.widgets["image_index"].value = 1
     assert explorer.view.score == pytest.approx(items[4].scores["query"])
+    explorer.widgets["branch"].value = "enhanced"
+    assert explorer.widgets["fusion_weight"].disabled is True
     explorer.widgets["branch"].value = "fused"
+    assert explorer.widgets["fusion_weight"].disabled is False
     explorer.widgets["fusion_weight"].value = 1.0
     np.testing.assert_array_equal(explorer.view.amap, items[4].layer_maps["enhanced"][3].numpy())
     # one render per change, and sliders only report on release
-    assert explorer.renders == 7
+    assert explorer.renders == 8
+    explorer.widgets["layer"].value = ALL_LAYERS
+    assert explorer.state.layer is None and explorer.widgets["layer"].label == "all layers"
+    np.testing.assert_array_equal(explorer.view.amap, items[4].layer_maps["enhanced"].sum(0).numpy())
     assert explorer.widgets["fusion_weight"].continuous_update is False
     assert explorer.widgets["image_index"].continuous_update is False
 

@@ -6,6 +6,7 @@ float arrays in [0, 1] or uint8 [H, W, 3].
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +22,10 @@ from PIL import Image
 
 from .data.transforms import denormalize
 
-__all__ = ["to_uint8_image", "colorize", "heatmap_overlay", "save_map_png", "save_overlay", "plot_maps",
+__all__ = ["to_uint8_image", "colorize", "heatmap_overlay", "save_map_png", "save_overlay", "RANDOM_WEIGHTS_LABEL",
+           "UNTRAINED_PROMPTS_LABEL", "figure_label", "shared_scale", "add_colorbar", "plot_maps", "plot_layer_grid",
            "plot_layer_maps", "plot_class_metrics", "plot_loss_curves", "ExplorerItem", "ExplorerState", "ExplorerView",
-           "explorer_map", "render_explorer", "Explorer"]
+           "explorer_map", "explorer_scale", "render_explorer", "Explorer"]
 
 
 def to_uint8_image(image: Any, normalized: bool = True) -> np.ndarray:
@@ -51,10 +53,14 @@ def to_uint8_image(image: Any, normalized: bool = True) -> np.ndarray:
     return (array * 255 + 0.5).astype(np.uint8)
 
 
+def _as_array(value: Any) -> np.ndarray:
+    return value.detach().float().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value, np.float32)
+
+
 def colorize(amap: Any, vmin: float | None = 0.0, vmax: float | None = 1.0, cmap: str = "jet") -> np.ndarray:
     """Anomaly map [H, W] -> uint8 RGB [H, W, 3] through a colormap (values clipped to [vmin, vmax];
     None means the map's own min / max)."""
-    values = amap.detach().float().cpu().numpy() if isinstance(amap, torch.Tensor) else np.asarray(amap, np.float32)
+    values = _as_array(amap)
     low = float(values.min()) if vmin is None else vmin
     high = float(values.max()) if vmax is None else vmax
     scaled = np.clip((values - low) / max(high - low, 1e-12), 0, 1)
@@ -75,7 +81,7 @@ def heatmap_overlay(image: Any, amap: Any, alpha: float = 0.5, vmin: float | Non
 
 def save_map_png(path: str | Path, amap: Any, vmin: float = 0.0, vmax: float = 1.0) -> Path:
     """Save a map as an 8-bit grayscale PNG (value v -> round(255 * (v - vmin) / (vmax - vmin)))."""
-    values = amap.detach().float().cpu().numpy() if isinstance(amap, torch.Tensor) else np.asarray(amap, np.float32)
+    values = _as_array(amap)
     scaled = np.clip((values - vmin) / max(vmax - vmin, 1e-12), 0, 1)
     path = Path(path)
     Image.fromarray((scaled * 255 + 0.5).astype(np.uint8), mode="L").save(path)
@@ -88,40 +94,98 @@ def save_overlay(path: str | Path, image: Any, amap: Any, **kwargs) -> Path:
     return path
 
 
+RANDOM_WEIGHTS_LABEL = "random weights: meaningless"  # the one wording of every figure and table made with them
+UNTRAINED_PROMPTS_LABEL = "untrained prompts"
+
+
+def figure_label(backbone_info: dict, trained: bool | None = None) -> str:
+    """The suffix of every figure title of a run: ``" [random weights: meaningless]"`` for random (tiny) weights,
+    ``" [untrained prompts]"`` when ``trained`` is False, else ``""``."""
+    if backbone_info.get("random_weights"):
+        return f" [{RANDOM_WEIGHTS_LABEL}]"
+    return f" [{UNTRAINED_PROMPTS_LABEL}]" if trained is False else ""
+
+
+def shared_scale(maps: Sequence[Any], vmin: float | None = None, vmax: float | None = None) -> tuple[float, float]:
+    """One colour scale for several maps: the given ends, or the min / max over all of them (never empty)."""
+    arrays = [_as_array(m) for m in maps]
+    low = min(float(a.min()) for a in arrays) if vmin is None else float(vmin)
+    high = max(float(a.max()) for a in arrays) if vmax is None else float(vmax)
+    return low, high if high > low else low + 1e-6
+
+
+def add_colorbar(fig, axes, vmin: float, vmax: float, label: str = "anomaly map", cmap: str = "jet"):
+    """A colorbar for overlays drawn with :func:`heatmap_overlay` (its colours at alpha 1) beside ``axes``."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    mappable = ScalarMappable(norm=Normalize(vmin=vmin, vmax=vmax), cmap=cmap)
+    bar = fig.colorbar(mappable, ax=axes, shrink=0.9, fraction=0.04, pad=0.02)
+    bar.set_label(label, fontsize=9)
+    bar.ax.tick_params(labelsize=8)
+    return bar
+
+
 def plot_maps(images: Sequence[Any], maps: Sequence[Sequence[Any]], column_titles: Sequence[str],
               row_titles: Sequence[str] | None = None, masks: Sequence[Any] | None = None,
-              vmin: float | None = 0.0, vmax: float | None = 1.0, cell_inches: float = 2.2):
-    """A grid: one row per image (image, [mask], then one overlay per map).
+              vmin: float | None = 0.0, vmax: float | None = 1.0, cell_inches: float = 2.2, title: str = "",
+              colorbar: bool = True):
+    """A grid: one row per image (image, [mask], then one overlay per map), one colour scale for every map.
 
-    images: n images; maps: n rows of m maps each; column_titles: m titles for the maps.
+    images: n images; maps: n rows of m maps each; column_titles: m titles for the maps. ``vmin`` / ``vmax``: the
+    colour scale; None = the min / max over all the figure's maps (one scale, stated on the colorbar).
+    ``title``: the figure's title (e.g. :func:`figure_label`), kept out of the narrow column titles.
     """
     n, m = len(images), len(column_titles)
     extra = 2 if masks is not None else 1
-    fig, axes = plt.subplots(n, m + extra, figsize=(cell_inches * (m + extra), cell_inches * n), squeeze=False)
+    low, high = shared_scale([amap for row in maps for amap in row], vmin, vmax)
+    fig, axes = plt.subplots(n, m + extra, figsize=(cell_inches * (m + extra) + (0.9 if colorbar else 0),
+                                                    cell_inches * n + (0.4 if title else 0)),
+                             squeeze=False, layout="constrained")
     for row in range(n):
         axes[row, 0].imshow(to_uint8_image(images[row]))
-        axes[row, 0].set_title("image" if row == 0 else "")
+        axes[row, 0].set_title("image" if row == 0 else "", fontsize=10)
         if masks is not None:
             mask = masks[row]
             mask = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
             axes[row, 1].imshow(mask, cmap="gray", vmin=0, vmax=1)
-            axes[row, 1].set_title("mask" if row == 0 else "")
+            axes[row, 1].set_title("mask" if row == 0 else "", fontsize=10)
         for col in range(m):
-            axes[row, col + extra].imshow(heatmap_overlay(images[row], maps[row][col], vmin=vmin, vmax=vmax))
+            axes[row, col + extra].imshow(heatmap_overlay(images[row], maps[row][col], vmin=low, vmax=high))
             if row == 0:
-                axes[row, col + extra].set_title(column_titles[col], fontsize=9)
+                axes[row, col + extra].set_title(column_titles[col], fontsize=10)
         if row_titles is not None:
-            axes[row, 0].set_ylabel(row_titles[row], fontsize=8)
+            axes[row, 0].set_ylabel(row_titles[row], fontsize=9)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
+    if colorbar:
+        add_colorbar(fig, axes, low, high, label=f"map value (one scale, {low:.3g} to {high:.3g})")
+    if title:
+        fig.suptitle(title, fontsize=11)
     return fig
+
+
+def plot_layer_grid(images: Sequence[Any], maps: Sequence[Sequence[Sequence[Any]]], row_names: Sequence[str],
+                    layer_names: Sequence[str], masks: Sequence[Any] | None = None, vmin: float | None = None,
+                    vmax: float | None = None, title: str = "", cell_inches: float = 1.7):
+    """Per-layer maps that stay readable in a notebook panel: one row per (image, path) and one column per layer,
+    rather than every (path, layer) side by side.
+
+    maps[i][r][l]: map [S, S] of image i, path / branch ``row_names[r]``, layer ``layer_names[l]``.
+    """
+    rows = [(i, r) for i in range(len(images)) for r in range(len(row_names))]
+    return plot_maps([images[i] for i, _ in rows], [list(maps[i][r]) for i, r in rows], list(layer_names),
+                     row_titles=[f"image {i + 1}: {row_names[r]}" if len(images) > 1 else row_names[r]
+                                 for i, r in rows],
+                     masks=[masks[i] for i, _ in rows] if masks is not None else None,
+                     vmin=vmin, vmax=vmax, cell_inches=cell_inches, title=title)
 
 
 def plot_layer_maps(method, images: Sequence[Any], output, masks: Sequence[Any] | None = None, label: str = ""):
     """Per-layer maps of one method output: every ``extras`` entry whose name contains "layer_maps" ([B, L, S, S],
-    e.g. ``layer_maps`` and ViP2-CLIP's ``layer_maps_before_fgp``), one column per (entry, layer), one row per image.
+    e.g. ``layer_maps`` and ViP2-CLIP's ``layer_maps_before_fgp``), one row per (image, entry), one column per layer,
+    on the fixed 0..1 scale of layer probabilities.
 
     Columns are named by ``extras["entries"]`` (Crane's per-entry names) or the method's ``layers``.
     """
@@ -131,33 +195,34 @@ def plot_layer_maps(method, images: Sequence[Any], output, masks: Sequence[Any] 
         raise ValueError(f"{method.name} returns no per-layer maps in extras")
     count = output.extras[keys[0]].shape[1]
     names = list(output.extras.get("entries") or [f"L{layer}" for layer in getattr(method, "layers", range(count))])
-    titles = [f"{name}\n{key.replace('layer_maps', '').strip('_').replace('_', ' ') or method.name}"
-              for key in keys for name in names]
-    rows = [[output.extras[key][i, j] for key in keys for j in range(count)] for i in range(len(images))]
-    figure = plot_maps(images, rows, titles, masks=masks, vmin=0.0, vmax=1.0)
-    figure.suptitle(f"{method.name}: per-layer maps (colour scale 0..1){label}", fontsize=10)
-    figure.tight_layout()
-    return figure
+    row_names = [key.replace("layer_maps", "").strip("_").replace("_", " ") or method.name for key in keys]
+    maps = [[[output.extras[key][i, j] for j in range(count)] for key in keys] for i in range(len(images))]
+    return plot_layer_grid(images, maps, row_names, names, masks=masks, vmin=0.0, vmax=1.0,
+                           title=f"{method.name}: per-layer maps{label}")
 
 
 def plot_class_metrics(table, metrics: Sequence[str] = ("image_auroc", "pixel_auroc", "aupro_mvtec"),
                        title: str = ""):
-    """Grouped bar plot (seaborn) of per-class metrics in percent from a metrics table (with a "mean" row)."""
+    """Grouped bar plot (seaborn) of per-class metrics in percent from a metrics table (with a "mean" row).
+
+    The legend sits outside the axes (it never covers a bar) and the layout is constrained, so the title and
+    the legend survive ``savefig`` at any size.
+    """
     import seaborn as sns
 
     present = [m for m in metrics if m in table.columns]
     long = (table[present] * 100).reset_index(names="class").melt(id_vars="class", var_name="metric",
                                                                    value_name="percent")
     long = long.dropna()
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(table.index) + 2), 3.6))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(table.index) + 2) + 1.6, 3.6), layout="constrained")
     if len(long):
         sns.barplot(data=long, x="class", y="percent", hue="metric", ax=ax)
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=8, title_fontsize=9)
     ax.set_ylim(0, 100)
     ax.set_xlabel("")
     ax.set_ylabel("%")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
     return fig
 
 
@@ -217,6 +282,7 @@ class ExplorerView:
     score: float
     title: str
     figure: Any
+    scale: tuple[float, float] = (0.0, 1.0)  # the colour scale (vmin, vmax) of the overlay
 
 
 def explorer_map(item: ExplorerItem, state: ExplorerState, combine: str = "sum") -> tuple[np.ndarray, float]:
@@ -244,9 +310,18 @@ def explorer_map(item: ExplorerItem, state: ExplorerState, combine: str = "sum")
     return amap.cpu().numpy(), score
 
 
+def explorer_scale(item: ExplorerItem, state: ExplorerState, combine: str = "sum") -> tuple[float, float]:
+    """The colour scale of an item at the state's layer choice: the min / max over its single-branch maps, shared
+    by every branch and every fusion weight (a fused map lies pointwise between the two branch maps), so moving
+    the weight slider changes colours only where the maps change."""
+    return shared_scale([explorer_map(item, dataclasses.replace(state, branch=branch), combine=combine)[0]
+                         for branch in item.layer_maps])
+
+
 def render_explorer(items: Sequence[ExplorerItem], state: ExplorerState, layers: Sequence[int] = (),
-                    combine: str = "sum", vmax: float | None = None) -> ExplorerView:
-    """Pure render: the selected image, its mask and the overlay of the selected map. No model call."""
+                    combine: str = "sum", vmin: float | None = None, vmax: float | None = None) -> ExplorerView:
+    """Pure render: the selected image, its mask and the overlay of the selected map, with a colorbar. No model
+    call. ``vmin`` / ``vmax``: a fixed colour scale; None = :func:`explorer_scale`."""
     candidates = [item for item in items if item.class_name == state.class_name]
     if not candidates:
         raise ValueError(f"no images of class {state.class_name!r}")
@@ -255,24 +330,28 @@ def render_explorer(items: Sequence[ExplorerItem], state: ExplorerState, layers:
     layer_name = "all layers" if state.layer is None else f"layer {layers[state.layer] if layers else state.layer}"
     branch = state.branch + (f" (w={state.fusion_weight:.2f})" if state.branch == "fused" else "")
     title = f"{item.class_name} · {Path(item.path).name} · {branch} · {layer_name} · score {score:.3f}"
-    top = vmax if vmax is not None else max(float(amap.max()), 1e-6)
+    auto_low, auto_high = explorer_scale(item, state, combine) if vmin is None or vmax is None else (vmin, vmax)
+    low, high = auto_low if vmin is None else vmin, auto_high if vmax is None else vmax
     # a bare Figure (not pyplot): the explorer displays it in its Output widget, and the inline backend must not
     # show it a second time at the end of the cell
-    fig = Figure(figsize=(9, 3.2))
+    fig = Figure(figsize=(10, 3.4), layout="constrained")
     axes = fig.subplots(1, 3)
     axes[0].imshow(to_uint8_image(item.image))
-    axes[0].set_title("image")
+    axes[0].set_title("image", fontsize=10)
     mask = item.mask if item.mask is not None else torch.zeros(item.image.shape[-2:])
     axes[1].imshow(mask.cpu().numpy(), cmap="gray", vmin=0, vmax=1)
-    axes[1].set_title("mask")
-    axes[2].imshow(heatmap_overlay(item.image, amap, vmin=0.0, vmax=top))
-    axes[2].set_title("map")
+    axes[1].set_title("mask", fontsize=10)
+    axes[2].imshow(heatmap_overlay(item.image, amap, vmin=low, vmax=high))
+    axes[2].set_title("map", fontsize=10)
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    return ExplorerView(amap=amap, score=score, title=title, figure=fig)
+    add_colorbar(fig, axes[2], low, high, label="map (scale shared by branches and weights)")
+    fig.suptitle(title, fontsize=10)
+    return ExplorerView(amap=amap, score=score, title=title, figure=fig, scale=(low, high))
+
+
+ALL_LAYERS = -1  # the layer dropdown's value for "all layers" (ExplorerState.layer None)
 
 
 class Explorer:
@@ -280,7 +359,8 @@ class Explorer:
     drag renders once on release) for the image and the fusion weight. Every change only re-renders the
     precomputed maps through :func:`render_explorer`; nothing re-runs the model.
 
-    Headless use (tests): set ``explorer.widgets[name].value`` and read ``explorer.view``.
+    Headless use (tests): set ``explorer.widgets[name].value`` and read ``explorer.view``. The layer dropdown's
+    "all layers" entry has the value :data:`ALL_LAYERS`; the weight slider is disabled on single-branch views.
     """
 
     def __init__(self, items: Sequence[ExplorerItem], layers: Sequence[int], combine: str = "sum"):
@@ -298,8 +378,10 @@ class Explorer:
             "class_name": widgets.Dropdown(options=classes, value=classes[0], description="class"),
             "image_index": widgets.IntSlider(min=0, max=self._count(classes[0]) - 1, value=0,
                                              description="image", continuous_update=False),
-            "layer": widgets.Dropdown(options=[("all", None)] + [(str(l), i) for i, l in enumerate(self.layers)],
-                                      value=None, description="layer"),
+            # ipywidgets shows a None value as no selection (a blank box): "all layers" is the index ALL_LAYERS
+            "layer": widgets.Dropdown(options=[("all layers", ALL_LAYERS)]
+                                      + [(f"layer {l}", i) for i, l in enumerate(self.layers)],
+                                      value=ALL_LAYERS, description="layer"),
             "branch": widgets.Dropdown(options=branches, value="fused", description="branch"),
             "fusion_weight": widgets.FloatSlider(min=0.0, max=1.0, step=0.05, value=0.5, description="weight",
                                                  continuous_update=False),
@@ -318,7 +400,10 @@ class Explorer:
 
     def _on_change(self, name: str):
         def handler(change):
-            setattr(self.state, name, change["new"])
+            value = None if name == "layer" and change["new"] == ALL_LAYERS else change["new"]
+            setattr(self.state, name, value)
+            if name == "branch":  # the weight only acts on the fused view
+                self.widgets["fusion_weight"].disabled = value != "fused"
             if name == "class_name":
                 slider = self.widgets["image_index"]
                 slider.max = self._count(change["new"]) - 1

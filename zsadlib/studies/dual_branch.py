@@ -126,8 +126,10 @@ def branch_metrics(outputs: BranchOutputs, fusion_weight: float = 0.5,
 
 def filter_effect(method: AnomalyMethod, dataset: AnomalyDataset, batch_size: int = 8, progress: bool = True,
                   outputs: BranchOutputs | None = None):
-    """Per-class mean score of anomalous and normal images, with the method's name filter and with every name
-    kept (``name_filter="keep_all"``), on the fused output. Returns a DataFrame indexed by class.
+    """Per-class prompt name and mean fused score of anomalous and normal images, with the method's name filter
+    and with every name kept (``name_filter="keep_all"``). Returns a DataFrame indexed by class, with two-level
+    columns (``"filtered"`` / ``"all names"``, then ``"prompt name"`` / ``"mean score anomalous"`` /
+    ``"mean score normal"``).
 
     ``outputs``: the filtered pass already computed by :func:`collect_branches` on ``dataset`` (saves one pass)."""
     import pandas as pd
@@ -135,7 +137,7 @@ def filter_effect(method: AnomalyMethod, dataset: AnomalyDataset, batch_size: in
     original = method.config
     results = {}
     try:
-        for label, rule in (("filtered", original.name_filter), ("all_names", "keep_all")):
+        for label, rule in (("filtered", original.name_filter), ("all names", "keep_all")):
             if label == "filtered" and outputs is not None:
                 run = outputs
             else:
@@ -146,12 +148,15 @@ def filter_effect(method: AnomalyMethod, dataset: AnomalyDataset, batch_size: in
                 idx = np.array([c == class_name for c in run.class_names])
                 lab = run.labels.numpy()[idx]
                 row = results.setdefault(class_name, {})
-                row[f"{label}_prompt_name"] = run.prompt_names[int(np.flatnonzero(idx)[0])]
-                row[f"{label}_mean_score_anomalous"] = float(scores[idx][lab == 1].mean()) if (lab == 1).any() else None
-                row[f"{label}_mean_score_normal"] = float(scores[idx][lab == 0].mean()) if (lab == 0).any() else None
+                row[(label, "prompt name")] = run.prompt_names[int(np.flatnonzero(idx)[0])]
+                row[(label, "mean score anomalous")] = (float(scores[idx][lab == 1].mean()) if (lab == 1).any()
+                                                        else None)
+                row[(label, "mean score normal")] = float(scores[idx][lab == 0].mean()) if (lab == 0).any() else None
     finally:
         method.config = original
-    return pd.DataFrame(results).T
+    frame = pd.DataFrame.from_dict(results, orient="index")
+    frame.columns = pd.MultiIndex.from_tuples(frame.columns)
+    return frame.infer_objects()
 
 
 def explorer_items(outputs: BranchOutputs, dataset: AnomalyDataset, blur_sigma: float,

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .. import ops
 from ..backbone import Backbone, WeightsNotFoundError, load_backbone
@@ -44,20 +45,23 @@ def prompt_pair_embeddings(backbone: Backbone, class_name: str = "object",
 def layer_similarity_maps(backbone: Backbone, images: torch.Tensor, class_names: Sequence[str] | None = None,
                           layers: Sequence[int] = (6, 12, 18, 24), dense_from: int | None = None,
                           dense_attention: str = "vv", temperature: float = 0.07,
-                          batch_size: int = 8) -> torch.Tensor:
+                          batch_size: int = 8, progress: bool = True) -> torch.Tensor:
     """Per-layer anomaly maps.
 
     Args:
         images: [B, 3, S, S] normalised (any device; run ``batch_size`` at a time on the backbone's device).
         class_names: B names put in the prompts (default "object").
         layers, dense_from, dense_attention: see :meth:`Backbone.forward_features`.
+        progress: a tqdm bar over the batches (``tqdm.auto``: a widget in JupyterLab).
     Returns:
         [B, L, S, S] maps in [0, 1] (on the CPU), one per tapped layer.
     """
     names = list(class_names) if class_names is not None else ["object"] * images.shape[0]
     text_by_name = {name: prompt_pair_embeddings(backbone, name) for name in sorted(set(names))}
     chunks = []
-    for start in range(0, images.shape[0], batch_size):  # bounded memory whatever the number of images
+    starts = range(0, images.shape[0], batch_size)  # bounded memory whatever the number of images
+    path = "plain" if dense_from is None else dense_attention
+    for start in tqdm(starts, desc=f"{path} path: layer maps", unit="batch", disable=not progress):
         chunk = images[start:start + batch_size].to(backbone.device)
         features = backbone.forward_features(chunk, layers=layers, dense_from=dense_from,
                                              dense_attention=dense_attention)
