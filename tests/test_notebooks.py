@@ -14,96 +14,17 @@ A notebook may have several smoke runs: keys ``"<notebook>@<variant>"`` in smoke
 """
 import ast
 import json
-import math
-from pathlib import Path
 
 import nbformat
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from zsadlib.sweep.execute import execute_notebook
+from zsadlib.sweep.regress import (HARNESS, LINEAR200_REL_TOLERANCE, ROOT, comparable, compare, default_tolerance,
+                                   is_number, moved_report, notebook_of, parameter_names, regenerate, smoke_run,
+                                   within)
+
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-HARNESS = Path(__file__).parent / "notebooks"
 SMOKE = json.loads((HARNESS / "smoke_params.json").read_text())
-# leaves that legitimately change between runs or machines (paths, timings, versions)
-IGNORED_KEYS = ("weights_path", "root", "seconds", "versions", "device", "output_dir")
-
-
-def notebook_of(run: str) -> Path:
-    """The notebook a smoke run executes: ``"02_prompt_learning@crane"`` -> notebooks/02_prompt_learning.ipynb."""
-    return ROOT / "notebooks" / f"{run.split('@')[0]}.ipynb"
-
-
-def parameter_names(notebook_path: Path) -> set[str]:
-    notebook = nbformat.read(notebook_path, as_version=4)
-    cells = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
-    assert len(cells) == 1, f"{notebook_path.name}: needs exactly one cell tagged 'parameters'"
-    names = set()
-    for node in ast.parse(cells[0].source).body:
-        assert isinstance(node, ast.Assign), f"{notebook_path.name}: parameters cell holds assignments only"
-        ast.literal_eval(node.value)  # literals only
-        names.update(t.id for t in node.targets)
-    return names
-
-
-def flatten(value, prefix=""):
-    if isinstance(value, dict):
-        out = {}
-        for key, item in value.items():
-            out.update(flatten(item, f"{prefix}{key}/"))
-        return out
-    if isinstance(value, list):
-        out = {}
-        for index, item in enumerate(value):
-            out.update(flatten(item, f"{prefix}{index}/"))
-        return out
-    return {prefix.rstrip("/"): value}
-
-
-def comparable(metrics: dict) -> dict:
-    return {k: v for k, v in flatten(metrics).items() if not any(part in k for part in IGNORED_KEYS)}
-
-
-def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-# relative tolerance of a numeric leaf, with an absolute floor for values near zero. Metrics of the tiny model are
-# small (pixel AP ~0.004), so an absolute tolerance would hide real changes; 2e-3 relative leaves room for float
-# summation order only (an equivalent rewrite of the dense attention moved ViP2-CLIP's pixel AP by 9e-4 relative).
-# The linear200 AUPRO puts its 200 thresholds between the global min and max of the maps, so float noise moves all
-# of them: 2e-2 (the same rewrite moved it by 8e-3). Values that are float noise by design get an absolute tolerance.
-REL_TOLERANCE = 2e-3
-LINEAR200_REL_TOLERANCE = 2e-2
-ABS_FLOOR = 1e-6
-NOISE_KEYS = ("max_abs_diff",)  # e.g. original_path_max_abs_diff: float noise, asserted small by the notebook
-
-
-def default_tolerance(key: str) -> dict:
-    if any(part in key for part in NOISE_KEYS):
-        return {"rel": 0.0, "abs": 1e-5}
-    if key.endswith("aupro_linear200"):
-        return {"rel": LINEAR200_REL_TOLERANCE, "abs": ABS_FLOOR}
-    return {"rel": REL_TOLERANCE, "abs": ABS_FLOOR}
-
-
-def within(got, want, tolerance: dict) -> bool:
-    return got is not None and abs(got - want) <= max(tolerance["rel"] * abs(want), tolerance["abs"])
-
-
-def moved_report(name: str, old: dict, new: dict) -> list[str]:
-    """Lines saying what changed between two expected-value dicts: keys added / removed, values moved (by how
-    much, absolute and relative)."""
-    lines = [f"{name}: new key {k} = {new[k]!r}" for k in sorted(set(new) - set(old))]
-    lines += [f"{name}: removed key {k} (was {old[k]!r})" for k in sorted(set(old) - set(new))]
-    for key in sorted(set(old) & set(new)):
-        a, b = old[key], new[key]
-        if is_number(a) and is_number(b):
-            if a != b:
-                rel = abs(b - a) / abs(a) if a else math.inf
-                lines.append(f"{name}: {key} moved {a!r} -> {b!r} (by {b - a:+.3g}, {rel:.3g} relative)")
-        elif a != b:
-            lines.append(f"{name}: {key} changed {a!r} -> {b!r}")
-    return lines
 
 
 def test_every_notebook_has_smoke_parameters_and_no_stored_outputs():
@@ -130,19 +51,16 @@ def test_smoke_parameters_are_known(name):
 @pytest.mark.notebook
 @pytest.mark.parametrize("name", sorted(SMOKE))
 def test_notebook_runs_and_matches_expected(name, tmp_path, synthetic_root, request, capsys):
-    import papermill
-
     notebook = notebook_of(name)
     unknown = set(SMOKE[name]) - parameter_names(notebook)
     assert not unknown, f"{name}: unknown parameters {sorted(unknown)}"
     output_dir = tmp_path / "out"
-    # every dataset-root parameter points at the session's synthetic set
-    roots = {key: str(synthetic_root) for key in parameter_names(notebook) if key.endswith("root")}
-    parameters = dict(SMOKE[name], output_dir=str(output_dir), **roots)
+    # every dataset-root parameter points at the session's synthetic set (what make regress runs, too)
+    run = smoke_run(name, SMOKE[name], synthetic_root)
+    parameters = dict(run.parameters, output_dir=str(output_dir))
     assert set(parameters) <= parameter_names(notebook)
-    papermill.execute_notebook(str(notebook), str(tmp_path / f"{notebook.stem}.out.ipynb"), parameters=parameters,
-                               kernel_name="python3", cwd=str(notebook.parent), progress_bar=False)
-    metrics = json.loads((output_dir / "metrics.json").read_text())
+    execute_notebook(notebook, tmp_path / f"{notebook.stem}.out.ipynb", parameters)  # fails on papermill's
+    metrics = json.loads((output_dir / "metrics.json").read_text())                   # parameter warnings
     assert metrics["backbone"]["random_weights"] is True and "mean nothing" in metrics["note"]
     expected_path = HARNESS / "expected" / f"{name}.json"
     regen = request.config.getoption("--regen-notebook-expected")
@@ -150,26 +68,15 @@ def test_notebook_runs_and_matches_expected(name, tmp_path, synthetic_root, requ
     if regen or not expected_path.exists():
         if not regen:
             pytest.fail(f"no expected values for {name}: run pytest --regen-notebook-expected")
-        old = json.loads(expected_path.read_text()) if expected_path.exists() else {"values": {}, "tolerance": {}}
-        old_tolerance = old.get("tolerance", {})
-        tolerance = {key: old_tolerance[key] if isinstance(old_tolerance.get(key), dict) else default_tolerance(key)
-                     for key, value in actual.items() if is_number(value)}
-        expected_path.write_text(json.dumps({"tolerance": tolerance, "values": actual}, indent=2, sort_keys=True))
-        lines = moved_report(name, old.get("values", {}), actual) or [f"{name}: nothing moved"]
+        lines = regenerate(expected_path, name, actual)
         with capsys.disabled():
             print("\n" + "\n".join(lines))
         return
     expected = json.loads(expected_path.read_text())
-    tolerances = expected["tolerance"]
     assert sorted(actual) == sorted(expected["values"]), "metrics.json keys changed"
-    for key, want in expected["values"].items():
-        got = actual[key]
-        if is_number(want):
-            tolerance = tolerances.get(key) or default_tolerance(key)
-            assert is_number(got) and within(got, want, tolerance), \
-                f"{name}: {key} = {got} != {want} (tolerance {tolerance})"
-        else:
-            assert got == want, f"{name}: {key} = {got!r} != {want!r}"
+    problems = compare(actual, expected)
+    assert not problems, "\n".join(f"{name}: {p['key']} = {p['got']!r} != {p['expected']!r} ({p['problem']}, "
+                                    f"tolerance {p['tolerance']})" for p in problems)
 
 
 def test_tolerances_are_per_key_and_relative():
@@ -203,3 +110,14 @@ def test_smoke_sizes_and_fusion_weight_can_see_the_bugs_they_are_for():
             assert size % 14 == 0 and native % size != 0, f"{name}: {size} px divides the native {native} px"
     fusion = SMOKE["03_dual_branch_inference"]["fusion_weight"]
     assert fusion != 0.5 and fusion in SMOKE["03_dual_branch_inference"]["sweep_weights"]
+
+
+def test_compare_lists_what_moved_and_what_is_missing():
+    expected = {"tolerance": {"a": {"rel": 0.1, "abs": 0.0}}, "values": {"a": 1.0, "b": "x", "gone": 2.0}}
+    assert compare({"a": 1.05, "b": "x", "gone": 2.0}, expected) == []
+    problems = compare({"a": 1.2, "b": "y", "new": 1}, expected)
+    assert [(p["key"], p["problem"]) for p in problems] == [("new", "new key"), ("a", "moved"), ("b", "changed"),
+                                                            ("gone", "missing")]
+    assert problems[1]["tolerance"] == {"rel": 0.1, "abs": 0.0}
+    # keys without a stored tolerance get the default one (2e-3 relative)
+    assert compare({"gone": 2.0 * (1 + 3e-3), "a": 1.0, "b": "x"}, expected)[0]["key"] == "gone"
