@@ -7,6 +7,7 @@
     zsad eval --method anomalyclip --checkpoint RUN_DIR --dataset visa --data-root DIR
     zsad predict --method winclip IMAGE_OR_FOLDER... --out DIR
     zsad demo                                      the main job on the synthetic data
+    zsad report RUN_DIR_OR_NOTEBOOKS... --out DIR  executed notebooks as HTML (--execute runs them first)
 
 Errors are one line on stderr and a non-zero exit code; ``--debug`` shows the traceback.
 """
@@ -262,6 +263,17 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from .report import build_reports
+
+    if args.preset is not None and not args.execute:
+        raise CLIError("--preset applies to notebooks run here: add --execute")
+    for page in build_reports(args.inputs, args.out, execute=args.execute, preset=args.preset,
+                              progress=not args.quiet):
+        print(f"wrote {page}")
+    return 0
+
+
 def _cmd_sweep(args) -> int:
     from .sweep import collect, load_spec, run_sweep
 
@@ -380,6 +392,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--tiny", action="store_true", help="use the tiny random-weight backbone")
     demo.add_argument("--device", default="auto")
     demo.set_defaults(func=_cmd_demo)
+
+    report = sub.add_parser("report", parents=[common],
+                            help="executed notebooks to HTML (figures inline, widget state saved) for kernel-less readers")
+    report.add_argument("inputs", nargs="+", help="executed notebooks (.ipynb) and/or folders of them (e.g. a run dir)")
+    report.add_argument("--out", required=True, help="folder for the <notebook>.html pages")
+    report.add_argument("--execute", action="store_true",
+                        help="run each notebook first (papermill) into --out, with its output_dir in --out/<notebook>")
+    report.add_argument("--preset", default=None, help="with --execute: the notebooks' preset (quick | paper)")
+    report.set_defaults(func=_cmd_report)
 
     sweep = sub.add_parser("sweep", parents=[common],
                            help="run a notebook or entry point over parameter sets (resumable), or collect results")
