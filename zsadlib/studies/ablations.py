@@ -109,6 +109,29 @@ def audited_methods() -> list[str]:
     return [name for name in list_methods() if quirk_variants(name)]
 
 
+def resolve_backbone(method: str, backbone: str | None, pretrained: Any, image_size: int | None,
+                     allow_tiny: bool = True) -> tuple[str | None, Any, int | None, dict[str, Any]]:
+    """(backbone, pretrained, image_size, backbone info) the runs will use: the requested ones when their weights
+    are on this machine, else (``allow_tiny``) the tiny random-weight backbone, announced once here instead of in
+    every run."""
+    from ..backbone import TINY_MODEL
+    from ..methods import build_method_or_tiny
+
+    probe = build_method_or_tiny(method, backbone=backbone, pretrained=... if pretrained == "default" else pretrained,
+                                 image_size=image_size, device="cpu", allow_tiny=allow_tiny,
+                                 **(get_method_class_tiny(method) if backbone == TINY_MODEL else {}))
+    info = dict(probe.backbone.info)
+    if info["name"] == TINY_MODEL and backbone != TINY_MODEL:
+        return TINY_MODEL, None, probe.backbone.image_size, info
+    return backbone, pretrained, image_size, info
+
+
+def get_method_class_tiny(method: str) -> dict[str, Any]:
+    from ..methods import get_method_class
+
+    return dict(get_method_class(method).tiny_overrides)
+
+
 def variant_label(field: str | None, value: Any = None) -> str:
     return "default" if field is None else f"{field}={json.dumps(value)}"
 
@@ -146,6 +169,12 @@ def run_ablation(methods: Sequence[str], ablate: Mapping[str, Sequence[Any]] | N
     from ..sweep import collect, run_sweep
     from ..sweep.collect import metric_rows
 
+    from ..data import ensure_synthetic
+
+    for kind, root in ((protocol.get("dataset"), protocol.get("root")),
+                       (protocol.get("aux_dataset"), protocol.get("aux_root"))):
+        if kind == "synthetic" and root:  # generated once here, not by concurrent runs
+            ensure_synthetic(root, progress=False, reuse_existing=True)
     labels: dict[str, tuple[str, str, str | None]] = {}
     runs = []
     for method in methods:
