@@ -115,8 +115,10 @@ def test_deep_prompts_replace_not_append(tiny_backbone):
     with torch.no_grad():
         seen, _ = _block_inputs(tiny_backbone, text)
     assert sorted(seen) == list(range(1, 13))
+    length = int(text.token_ids.argmax(dim=-1).max()) + 1  # the sequence runs up to the last end-of-text token
+    assert text.encoded_length(text.token_ids) == length == 17
     for layer, x in seen.items():
-        assert x.shape == (2, 77, tiny_backbone.text_width)  # length stays 77
+        assert x.shape == (2, length, tiny_backbone.text_width)
     # block 1: the learned context (plus the positional embedding) at positions 1..12
     torch.testing.assert_close(seen[1][:, 1:13] - pos[1:13], text.context.detach(), atol=1e-6, rtol=0)
     for layer in range(2, 10):
@@ -136,6 +138,33 @@ def test_matches_plain_encoder_with_deep_prompts(tiny_backbone):
                     for layer in range(2, 10)}
             expected = _plain_text_encoder(tiny_backbone, embeddings, text.token_ids, deep)
             torch.testing.assert_close(text(), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("fp16", [True, False])
+def test_cut_sequence_equals_full_length_values_and_gradients(tiny_backbone, fp16):
+    """Running only up to the last end-of-text token (causal attention) equals the full 77-token encoding, for the
+    values and the gradients of the context, the deep prompts and a per-sample shift."""
+    text = _prompt(tiny_backbone, seed=5, deep_prompt_fp16_round=fp16)
+    shift = (0.1 * torch.randn(3, 1, tiny_backbone.text_width, generator=torch.Generator().manual_seed(1)))
+    outputs, grads = [], []
+    for full in (False, True):
+        text.zero_grad()
+        step_shift = shift.clone().requires_grad_(True)
+        embeddings = text.prompt_embeddings(step_shift).reshape(6, 77, -1)
+        ids = text.token_ids[None].expand(3, -1, -1).reshape(6, 77)
+        out = text.encode(embeddings, ids, full_length=full)
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        outputs.append(out.detach())
+        grads.append([text.context.grad.clone(), text.deep_prompts.grad.clone(), step_shift.grad.clone()])
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-6, rtol=2e-6)  # float32 summation order only
+    # with fp16 rounding the deep-prompt gradients are rounded to float16 per prompt copy, so float noise of 1e-7
+    # can flip one float16 rounding: one float16 ulp (relative 2**-10) is the honest bound there
+    # (in float64 the two agree to 1e-15 relative; float32 gradient sums of ~30 differ by ~1e-5 in the order)
+    rtol = 2.0 ** -10 if fp16 else 0.0
+    for cut, full in zip(*grads):
+        scale = float(full.abs().max())
+        assert scale > 0
+        torch.testing.assert_close(cut, full, atol=2e-6 * scale, rtol=rtol)
 
 
 def test_fp16_rounding_switch(tiny_backbone):

@@ -106,7 +106,7 @@ def test_class_tokens_are_learned_plus_metanet_of_the_global_feature(method, tin
     # the cut text tower equals the full-length one
     with torch.no_grad():
         ids = prompts.pool_ids[None].expand(2, -1, -1).reshape(4, 77)
-        full = prompts.text.encode(embeddings[0], ids)
+        full = prompts.text.encode(embeddings[0], ids, full_length=True)
     assert torch.allclose(text.reshape(4, -1), full, atol=1e-5)
 
 

@@ -12,8 +12,9 @@ placeholder positions with learned vectors (one ``[n_ctx, text_width]`` block pe
 N(0, 0.02^2) as CoOp / AnomalyCLIP do), and runs the open_clip text blocks one by one so that *deep text prompts*
 can be swapped in between blocks: for each text layer ``l`` in ``deep_layers`` (1-based), the ``n_deep`` token
 positions right after the start token (positions ``1 .. n_deep``) of that block's *input* are replaced by that
-layer's learned ``[n_deep, text_width]`` tokens. The sequence length stays 77. Pooling, ``ln_final`` and
-``text_projection`` are open_clip's own (argmax of the token ids = end-of-text position).
+layer's learned ``[n_deep, text_width]`` tokens. The sequence length stays 77 (the encoder skips the positions
+after the last end-of-text token, which cannot change the result: :meth:`LearnedPromptText.encode`). Pooling,
+``ln_final`` and ``text_projection`` are open_clip's own (argmax of the token ids = end-of-text position).
 
 AnomalyCLIP (``AnomalyCLIP_lib/AnomalyCLIP.py``, ``ResidualAttentionBlock_learnable_token``): depth 9 means
 deep prompts at the inputs of text blocks 2..9 (block 1 sees only the token embeddings with the learned
@@ -238,20 +239,41 @@ class LearnedPromptText(nn.Module):
         out[:, rows, cols] = context.reshape(batch, prompts * self.n_ctx, -1)
         return out
 
-    def encode(self, embeddings: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    def encoded_length(self, token_ids: torch.Tensor) -> int:
+        """How many leading positions of [N, 77] prompts :meth:`encode` runs: up to the last end-of-text token when
+        the text tower is causal and pools at the end-of-text token (CLIP's, open_clip's "argmax" pooling), since no
+        later position can change an earlier one; else all of them. Never fewer than the deep-prompt positions."""
+        model = self.backbone.model
+        length = token_ids.shape[-1]
+        causal = getattr(model, "attn_mask", None) is not None
+        if not causal or getattr(model, "text_pool_type", "argmax") != "argmax" or token_ids.numel() == 0:
+            return length
+        needed = int(token_ids.argmax(dim=-1).max()) + 1
+        return min(length, max(needed, 1 + self.n_deep if self.deep_layers else 1))
+
+    def encode(self, embeddings: torch.Tensor, token_ids: torch.Tensor, full_length: bool = False) -> torch.Tensor:
         """Run the text tower on prepared token embeddings, inserting the deep prompts between blocks.
+
+        The sequence is cut after the last end-of-text token (:meth:`encoded_length`): with CLIP's causal text
+        attention this equals the full 77-token encoding (masked keys have weight exactly 0; tested at 1e-6) and
+        costs a fraction of it (AnomalyCLIP's prompts are 16 tokens, GenCLIP's and ViP2-CLIP's 10-20).
 
         Args:
             embeddings: [N, 77, W] token embeddings (learned context already in place).
             token_ids: [N, 77] the matching token ids (for end-of-text pooling).
+            full_length: run all 77 positions (the reference codes' way; for tests and comparisons).
         Returns:
             [N, D] text embeddings (not normalised).
         """
         model = self.backbone.model
         transformer = model.transformer
-        x = embeddings + model.positional_embedding.to(embeddings.dtype)
+        length = embeddings.shape[1] if full_length else self.encoded_length(token_ids)
+        embeddings, token_ids = embeddings[:, :length], token_ids[:, :length]
+        x = embeddings + model.positional_embedding[:length].to(embeddings.dtype)
         batch_first = getattr(transformer, "batch_first", True)
         attn_mask = getattr(model, "attn_mask", None)
+        if attn_mask is not None:
+            attn_mask = attn_mask[:length, :length]
         count = x.shape[0]
         for index, block in enumerate(transformer.resblocks, start=1):
             if index in self.deep_layers:
