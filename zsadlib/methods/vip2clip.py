@@ -293,6 +293,7 @@ class ImageConditionedPrompts(nn.Module):
         the last end-of-text token: the 13-token prompts cost ~6x less than 77). Returns [N, D]."""
         return self.text.encode(embeddings, token_ids)
 
+
 class FineGrainedPerception(nn.Module):
     """FGP: multi-head cross-attention of text queries over patch keys/values (1x1 projections with bias).
 
