@@ -7,6 +7,9 @@
     zsad eval --method anomalyclip --checkpoint RUN_DIR --dataset visa --data-root DIR
     zsad predict --method winclip IMAGE_OR_FOLDER... --out DIR
     zsad demo                                      the main job on the synthetic data
+    zsad sweep SPEC.yaml [--engine local|ray]      a notebook over parameter sets (resumable)
+    zsad sweep collect OUT                         every run's metrics.json into OUT/results.csv
+    zsad reproduce --method crane --targets mvtec visa --data-root DIR   the papers' protocol vs published
     zsad report RUN_DIR_OR_NOTEBOOKS... --out DIR  executed notebooks as HTML (--execute runs them first)
 
 Errors are one line on stderr and a non-zero exit code; ``--debug`` shows the traceback.
