@@ -63,7 +63,7 @@ DEFAULT_IMAGE_SIZE = 518  # AnomalyCLIP / Crane / ViP2-CLIP input size: a 37 x 3
 DEFAULT_LAYERS = (6, 12, 18, 24)  # 1-based blocks tapped by AnomalyCLIP, Crane, ViP2-CLIP, APRIL-GAN
 TINY_MODEL = "tiny"  # built-in random-weight config for tests and smoke runs
 
-PosEmbedResize = Literal["bilinear", "bicubic_antialias"]
+PosEmbedResize = Literal["bilinear", "bicubic_antialias", "bicubic"]
 DenseAttention = Literal["vv", "qkv_sum"]
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -131,8 +131,10 @@ def resize_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], mode: P
         grid = F.interpolate(grid, size=tuple(new_grid), mode="bilinear", align_corners=False)
     elif mode == "bicubic_antialias":
         grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", antialias=True, align_corners=False)
+    elif mode == "bicubic":  # AdaCLIP's load-time resize (older open_clip): bicubic without antialias
+        grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False)
     else:
-        raise BackboneError(f"pos_embed_resize must be 'bilinear' or 'bicubic_antialias', not {mode!r}")
+        raise BackboneError(f"pos_embed_resize must be 'bilinear', 'bicubic_antialias' or 'bicubic', not {mode!r}")
     grid = grid.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], -1)
     return torch.cat([cls_pos, grid], dim=0)
 
@@ -594,7 +596,8 @@ def load_backbone(
             no published weights, so ``load_backbone("tiny")`` gives random weights.
         image_size: square input size; the positional embedding is resized to ``image_size // patch``.
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ...
-        pos_embed_resize: ``"bilinear"`` (reference code) or ``"bicubic_antialias"`` (open_clip).
+        pos_embed_resize: ``"bilinear"`` (reference code), ``"bicubic_antialias"`` (open_clip) or ``"bicubic"``
+            (no antialias: AdaCLIP's load-time resize).
         cache_dir: where open_clip/Hugging Face cache downloads (default: the HF cache).
         seed: seed of the random initialisation (used when weights are random).
         checksum: record the SHA-256 of a weights file in ``info`` (takes a few seconds for ViT-L).
@@ -607,8 +610,9 @@ def load_backbone(
             f"unknown backbone {name!r}; open_clip knows e.g. {DEFAULT_MODEL}, ViT-B-16-plus-240, {TINY_MODEL} "
             f"(see zsadlib.backbone.list_backbones())"
         )
-    if pos_embed_resize not in ("bilinear", "bicubic_antialias"):
-        raise BackboneError(f"pos_embed_resize must be 'bilinear' or 'bicubic_antialias', not {pos_embed_resize!r}")
+    if pos_embed_resize not in ("bilinear", "bicubic_antialias", "bicubic"):
+        raise BackboneError(f"pos_embed_resize must be 'bilinear', 'bicubic_antialias' or 'bicubic', "
+                            f"not {pos_embed_resize!r}")
     if pretrained is not None:
         pretrained = os.fspath(pretrained)
     if pretrained in (None, "", "none", "None") or (name == TINY_MODEL and pretrained == DEFAULT_PRETRAINED):

@@ -115,6 +115,7 @@ class TrainConfig:
     lr: float = 1e-3  # Adam learning rate (methods with several groups scale it in parameter_groups)
     betas: tuple[float, float] = (0.5, 0.999)  # AnomalyCLIP / APRIL-GAN Adam betas
     weight_decay: float = 0.0  # Adam weight decay (none in the references)
+    optimizer: str = "adam"  # "adam" (torch.optim.Adam, L2 weight decay) | "adamw" (decoupled decay: AdaCLIP)
     seed: int = 111  # AnomalyCLIP / APRIL-GAN setup_seed(111); also seeds every epoch's shuffle
     num_workers: int = 0  # DataLoader workers
     precision: str = "fp32"  # "fp32" | "bf16" | "fp16" (CUDA, with a GradScaler) autocast
@@ -494,8 +495,11 @@ def train(
     log_path = out / LOG_NAME
     dataset_info = describe_dataset(dataset)
 
-    optimizer = torch.optim.Adam(method.parameter_groups(config.lr), lr=config.lr, betas=tuple(config.betas),
-                                 weight_decay=config.weight_decay)
+    if config.optimizer not in ("adam", "adamw"):
+        raise TrainingError(f"optimizer must be 'adam' or 'adamw', not {config.optimizer!r}")
+    optimizer_class = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    optimizer = optimizer_class(method.parameter_groups(config.lr), lr=config.lr, betas=tuple(config.betas),
+                                weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
 
     count = len(dataset)

@@ -1,6 +1,6 @@
 """Write tests/fixtures/<method>_*.npz from the authors' code: ``python -m tools.reference_fixtures METHOD --ref PATH``.
 
-METHOD is one of the modules of this package (anomalyclip, crane, vip2clip). Each runs in its own process
+METHOD is one of the modules of this package (adaclip, anomalyclip, crane, vip2clip). Each runs in its own process
 because the reference repositories use clashing top-level module names. See README.md beside this file.
 """
 from __future__ import annotations

@@ -5,3 +5,4 @@ from . import anomalyclip  # noqa: F401
 from . import genclip  # noqa: F401
 from . import crane  # noqa: F401
 from . import vip2clip  # noqa: F401
+from . import adaclip  # noqa: F401

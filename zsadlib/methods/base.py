@@ -326,7 +326,7 @@ def build_method(
         resize = backbone.info.get("pos_embed_resize", "")
         config = config.replace(backbone=backbone.info["name"], pretrained=backbone.info["pretrained"],
                                 image_size=backbone.image_size,
-                                pos_embed_resize=resize if resize in ("bilinear", "bicubic_antialias")
+                                pos_embed_resize=resize if resize in ("bilinear", "bicubic_antialias", "bicubic")
                                 else config.pos_embed_resize)
     method = cls(config, backbone)
     return method.to(backbone.device)
