@@ -62,6 +62,7 @@ data: venv
 
 bench: venv
 	$(BIN)/python bench/bench_metrics.py
+	$(BIN)/python bench/bench_flops.py
 	$(BIN)/python bench/bench_method.py --method anomalyclip
 	$(BIN)/python bench/bench_method.py --method crane --batch-size 1
 	$(BIN)/python bench/bench_method.py --method vip2clip --batch-size 1
