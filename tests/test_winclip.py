@@ -13,6 +13,9 @@ from zsadlib.methods.winclip import (
     embed_tokens,
     encode_class_token,
     encode_token_windows,
+    normal_reference_images,
+    reference_images_from_folder,
+    visual_association,
 )
 from zsadlib.prompts import (
     ANOMALOUS_STATES,
@@ -88,7 +91,7 @@ def test_build_records_backbone_and_rejects_bad_options(tiny_backbone):
     method = build_method("winclip", backbone=tiny_backbone, scales=(2,))
     assert method.config.backbone == "tiny" and method.config.image_size == TINY_SIZE
     with pytest.raises(MethodError):
-        build_method("winclip", backbone=tiny_backbone, k_shot=1)
+        build_method("winclip", backbone=tiny_backbone, reference_batch=0)
     with pytest.raises(MethodError):
         build_method("winclip", backbone=tiny_backbone, scales=(GRID + 1,))
     with pytest.raises(MethodError):
@@ -168,6 +171,18 @@ def test_output_shapes(batch_output):
     assert all(m.shape == (3, GRID, GRID) for m in out.extras["scale_maps"].values())
 
 
+def plain_harmonic_grid(scores, size):
+    """Each patch's harmonic mean over the scores of the windows (row-major, stride 1) that cover it, by loops."""
+    topleft = [(r, c) for r in range(GRID - size + 1) for c in range(GRID - size + 1)]
+    grid = torch.zeros(GRID, GRID)
+    for row in range(GRID):
+        for col in range(GRID):
+            covering = [float(scores[m]) for m, (top, left) in enumerate(topleft)
+                        if top <= row < top + size and left <= col < left + size]
+            grid[row, col] = len(covering) / sum(1.0 / v for v in covering)
+    return grid
+
+
 @pytest.fixture(scope="module")
 def plain_maps(tiny_backbone, tiny_images):
     """Image 1 ("screw") by hand: every window's embedding from the plain loop, its softmax score against the
@@ -179,13 +194,7 @@ def plain_maps(tiny_backbone, tiny_images):
             topleft = [(r, c) for r in range(GRID - size + 1) for c in range(GRID - size + 1)]
             embeddings = plain_window_embeddings(tiny_backbone, tiny_images[1:2], topleft, size)[0]  # [M, D]
             scores = ((F.normalize(embeddings, dim=-1) @ text.T) / 0.07).softmax(-1)[:, 1]
-            grid = torch.zeros(GRID, GRID)
-            for row in range(GRID):
-                for col in range(GRID):
-                    covering = [float(scores[m]) for m, (top, left) in enumerate(topleft)
-                                if top <= row < top + size and left <= col < left + size]
-                    grid[row, col] = len(covering) / sum(1.0 / v for v in covering)
-            maps[size] = grid
+            maps[size] = plain_harmonic_grid(scores, size)
     return maps
 
 
@@ -257,3 +266,190 @@ def test_cached_text_is_float32_even_when_first_built_under_autocast(tiny_backbo
     fresh.text_features(["bottle"])
     assert torch.equal(first.text_features(["bottle"]), fresh.text_features(["bottle"]))
     assert first.text_features(["bottle"]).dtype == torch.float32
+
+
+# ---- WinCLIP+ (few-shot) -----------------------------------------------------------------------------------
+def plain_few_shot(backbone, image, references, windows_memory_scales=(2, 3)):
+    """One image against K references by hand: last-block patch tokens (forward_features + ln_post), every distance
+    to every memory item with F.cosine_similarity in loops over the memory, harmonic means over covering windows by
+    loops, then the mean of {patch map, scale maps}. Window embeddings come from encode_token_windows (itself held
+    equal to a plain loop above)."""
+    visual = backbone.visual
+
+    def tokens(x):
+        features = backbone.forward_features(x, layers=[backbone.num_layers])
+        return visual.ln_post(features.layer_tokens[0][:, 1:])  # [B, N, W]
+
+    def nearest(queries, memory):  # [M, C], [R, C] -> [M]
+        distances = torch.stack([(1 - F.cosine_similarity(queries, item[None], dim=-1)) / 2 for item in memory])
+        return distances.min(dim=0).values
+
+    with torch.no_grad():
+        patch_map = nearest(tokens(image[None])[0], tokens(references).flatten(0, 1)).reshape(GRID, GRID)
+        maps = [patch_map]
+        for size in windows_memory_scales:
+            windows = ops.sliding_windows((GRID, GRID), size)
+            query = encode_token_windows(backbone, image[None], windows)[0]
+            memory = encode_token_windows(backbone, references, windows).flatten(0, 1)
+            scores = nearest(query, memory)
+            maps.append(plain_harmonic_grid(scores, size))
+    return patch_map, sum(maps) / len(maps)
+
+
+@pytest.fixture(scope="module")
+def few_shot(tiny_backbone, tiny_images):
+    """k=2 with tiny_images[0:2] as the references of every class; the batch is all three images."""
+    method = build_method("winclip", backbone=tiny_backbone, k_shot=2)
+    method.set_reference_images(tiny_images[:2])
+    return method, method(tiny_images, ["bottle", "screw", "bottle"])
+
+
+def test_few_shot_map_equals_plain_computation(tiny_backbone, tiny_images, few_shot, batch_output):
+    _, out = few_shot
+    patch_map, few_map = plain_few_shot(tiny_backbone, tiny_images[2], tiny_images[:2])
+    torch.testing.assert_close(out.extras["few_shot_patch_map"][2], patch_map, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.extras["few_shot_map"][2], few_map, atol=1e-5, rtol=1e-4)
+    # fusion: plain means of the zero-shot map / score and the few-shot map / its maximum
+    zero_map = batch_output.extras["grid_map"][2]
+    torch.testing.assert_close(out.extras["grid_map"][2], (zero_map + few_map) / 2, atol=1e-5, rtol=1e-4)
+    expected_score = (float(batch_output.scores[2]) + float(few_map.max())) / 2
+    assert float(out.scores[2]) == pytest.approx(expected_score, abs=1e-5)
+    upsampled = F.interpolate(((zero_map + few_map) / 2)[None, None], size=(TINY_SIZE, TINY_SIZE), mode="bilinear",
+                              align_corners=False)[0, 0]
+    torch.testing.assert_close(out.maps[2], upsampled, atol=1e-5, rtol=1e-4)
+
+
+def test_few_shot_keeps_the_zero_shot_parts(few_shot, batch_output):
+    _, out = few_shot
+    torch.testing.assert_close(out.extras["zero_shot_map"], batch_output.extras["grid_map"])
+    torch.testing.assert_close(out.extras["zero_shot_scores"], batch_output.scores)
+
+
+def test_k1_with_the_test_image_itself_gives_a_near_zero_map(tiny_backbone, tiny_images, batch_output):
+    # few_shot_clamp: the distances to itself are 0 +- rounding; clamped, the harmonic means stay within [0, max]
+    method = build_method("winclip", backbone=tiny_backbone, k_shot=1, few_shot_clamp=True)
+    method.set_reference_images(tiny_images[1:2])
+    out = method(tiny_images[1:2], ["screw"])
+    assert float(out.extras["few_shot_map"].abs().max()) < 1e-5
+    assert float(out.scores[0]) == pytest.approx(float(batch_output.scores[1]) / 2, abs=1e-5)
+    torch.testing.assert_close(out.extras["grid_map"][0], batch_output.extras["grid_map"][1] / 2, atol=1e-5, rtol=1e-4)
+
+
+def test_clamp_changes_only_negative_distances(tiny_backbone, tiny_images, few_shot):
+    method, out = few_shot
+    clamped = build_method("winclip", backbone=tiny_backbone, k_shot=2, few_shot_clamp=True)
+    clamped.set_reference_images(tiny_images[:2])
+    got = clamped(tiny_images, ["bottle", "screw", "bottle"])
+    # image 2 is not in the memory: all its distances are > 0 and clamping changes nothing
+    assert float(out.extras["few_shot_map"][2].min()) > 1e-3
+    torch.testing.assert_close(got.maps[2], out.maps[2])
+    # images 0 and 1 are in the memory: every patch and window has itself at distance 0
+    assert float(got.extras["few_shot_map"][:2].min()) >= 0.0
+    assert float(got.extras["few_shot_map"][:2].max()) < 1e-5
+
+
+def test_few_shot_batch_size_does_not_change_results(few_shot, tiny_images):
+    method, out = few_shot
+    names = ["bottle", "screw", "bottle"]
+    singles = [method(tiny_images[i:i + 1], [names[i]]) for i in range(3)]
+    torch.testing.assert_close(torch.cat([s.scores for s in singles]), out.scores, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([s.maps for s in singles]), out.maps, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_batch_does_not_change_the_memory(tiny_backbone, tiny_images, few_shot):
+    _, out = few_shot
+    method = build_method("winclip", backbone=tiny_backbone, k_shot=2, reference_batch=1)
+    method.set_reference_images(tiny_images[:2])
+    again = method(tiny_images, ["bottle", "screw", "bottle"])
+    torch.testing.assert_close(again.maps, out.maps, atol=1e-5, rtol=1e-5)
+
+
+def test_memory_is_per_class_with_a_shared_fallback(tiny_backbone, tiny_images, few_shot):
+    _, out = few_shot
+    method = build_method("winclip", backbone=tiny_backbone)  # k_shot 0: set_reference_images sets it to K
+    method.set_reference_images(tiny_images[2:3].repeat(2, 1, 1, 1), class_name="screw")
+    with pytest.raises(MethodError, match="no reference images for class 'bottle'"):
+        method(tiny_images[:1], ["bottle"])
+    method.set_reference_images(tiny_images[:2])  # every other class
+    assert method.config.k_shot == 2
+    mixed = method(tiny_images, ["bottle", "screw", "bottle"])
+    torch.testing.assert_close(mixed.maps[[0, 2]], out.maps[[0, 2]], atol=1e-5, rtol=1e-5)
+    assert float(mixed.extras["few_shot_map"][1].abs().max()) > 1e-3  # image 1 ("screw") is not in its memory
+    assert set(method.describe()["reference_images"]) == {"*", "screw"}
+
+
+def test_reference_count_must_match_k_shot(tiny_backbone, tiny_images):
+    method = build_method("winclip", backbone=tiny_backbone, k_shot=2)
+    with pytest.raises(MethodError, match="k_shot=2"):
+        method.set_reference_images(tiny_images[:1])
+    with pytest.raises(MethodError, match="no reference images"):
+        method(tiny_images[:1], ["bottle"])
+    with pytest.raises(MethodError, match="k_shot must be >= 0"):
+        build_method("winclip", backbone=tiny_backbone, k_shot=-1)
+
+
+def test_visual_association_is_min_half_cosine_distance():
+    generator = torch.Generator().manual_seed(3)
+    queries, memory = torch.randn(2, 5, 7, generator=generator), torch.randn(4, 7, generator=generator)
+    expected = torch.tensor([[min((1 - float(F.cosine_similarity(q, m, dim=0))) / 2 for m in memory) for q in row]
+                             for row in queries])
+    torch.testing.assert_close(visual_association(queries, memory), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_fit_reference_draws_seeded_normal_train_images(tiny_backbone, synthetic_root):
+    from zsadlib.data import open_dataset
+
+    train = open_dataset("synthetic", synthetic_root, split="train", classes=["carpet", "pill"], image_size=TINY_SIZE)
+    first = normal_reference_images(train, 2, seed=0)
+    assert set(first) == {"carpet", "pill"}
+    assert [first[name][1] for name in first] == [normal_reference_images(train, 2, seed=0)[n][1] for n in first]
+    assert first["carpet"][1] != normal_reference_images(train, 2, seed=1)["carpet"][1]
+    labels = {str(r.image_path): r.label for r in train.records}
+    assert all(labels[path] == 0 and "/carpet/" in path for path in first["carpet"][1])
+    method = build_method("winclip", backbone=tiny_backbone, k_shot=2)
+    assert method.fit_reference(train, seed=0, progress=False) == {n: paths for n, (_, paths) in first.items()}
+    assert method._reference_memory["pill"]["patches"].shape[0] == 2 * GRID * GRID
+    with pytest.raises(MethodError, match="fewer than k_shot=99"):
+        normal_reference_images(train, 99)
+
+
+def test_reference_images_from_folder(tmp_path, tiny_images):
+    from PIL import Image
+
+    for sub in ("a", "b"):
+        (tmp_path / "per_class" / sub).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (20, 30), (40 * i, 10, 200)).save(tmp_path / "per_class" / sub / f"{i}.png")
+    chosen = reference_images_from_folder(tmp_path / "per_class", TINY_SIZE, k=2)
+    assert set(chosen) == {"a", "b"} and chosen["a"][0].shape == (2, 3, TINY_SIZE, TINY_SIZE)
+    assert [p.rsplit("/", 1)[-1] for p in chosen["b"][1]] == ["0.png", "1.png"]
+    shared = reference_images_from_folder(tmp_path / "per_class" / "a", TINY_SIZE)
+    assert set(shared) == {None} and shared[None][0].shape[0] == 3
+    with pytest.raises(MethodError, match="fewer than 5"):
+        reference_images_from_folder(tmp_path / "per_class", TINY_SIZE, k=5)
+
+
+def test_cli_eval_k_shot_and_reference_folder(capsys, tmp_path, synthetic_root):
+    import json
+
+    from zsadlib.cli import main
+
+    common = ["eval", "--method", "winclip", "--dataset", "synthetic", "--data-root", str(synthetic_root),
+              "--classes", "carpet", "--max-per-class", "4", "--backbone", "tiny", "--pretrained", "none",
+              "--image-size", str(TINY_SIZE), "--device", "cpu", "--quiet"]
+    assert main([*common, "--k-shot", "2", "--out", str(tmp_path / "k2")]) == 0
+    summary = json.loads((tmp_path / "k2" / "metrics.json").read_text())
+    assert summary["method"]["config"]["k_shot"] == 2
+    paths = summary["method"]["reference_images"]["carpet"]
+    assert len(paths) == 2 and all("/train/good/" in p for p in paths)
+    folder = tmp_path / "refs"
+    folder.mkdir()
+    for path in paths:
+        (folder / path.rsplit("/", 1)[-1]).write_bytes(open(path, "rb").read())
+    assert main([*common, "--reference-images", str(folder), "--out", str(tmp_path / "dir")]) == 0
+    again = json.loads((tmp_path / "dir" / "metrics.json").read_text())
+    assert again["method"]["config"]["k_shot"] == 2
+    assert again["metrics"] == summary["metrics"]  # the same two images, from the folder instead of the dataset
+    capsys.readouterr()
+    assert main([*common, "--k-shot", "0"]) != 0
+    assert "--k-shot must be at least 1" in capsys.readouterr().err

@@ -58,7 +58,7 @@ def image_size_memory(image_size: int, batch_size: int = 1, patch: int = 14) -> 
 def _check_options(args) -> None:
     """Bad numbers and devices as one-line errors before anything is loaded."""
     positive = {"batch_size": "--batch-size", "max_per_class": "--max-per-class", "epochs": "--epochs",
-                "max_steps": "--max-steps"}
+                "max_steps": "--max-steps", "k_shot": "--k-shot"}
     for key, flag in positive.items():
         value = getattr(args, key, None)
         if value is not None and value < 1:
@@ -170,6 +170,27 @@ def _cmd_synth(args) -> int:
     return 0
 
 
+def _set_reference_images(args, method, dataset) -> None:
+    """--k-shot K / --reference-images DIR: few-shot memories (WinCLIP+), per class of ``dataset``."""
+    k, folder = getattr(args, "k_shot", None), getattr(args, "reference_images", None)
+    if k is None and folder is None:
+        return
+    if not hasattr(method, "set_reference_images"):
+        raise CLIError(f"--k-shot / --reference-images: method {method.name!r} has no few-shot mode (winclip has)")
+    if folder is None:
+        from .data import open_dataset
+
+        train = open_dataset(args.dataset, args.data_root, split="train", classes=dataset.class_names,
+                             image_size=method.backbone.image_size)
+        method.config = method.config.replace(k_shot=k)
+        method.fit_reference(train, seed=args.seed, progress=not args.quiet)
+        return
+    from .methods.winclip import reference_images_from_folder
+
+    for name, (images, paths) in reference_images_from_folder(folder, method.backbone.image_size, k).items():
+        method.set_reference_images(images, class_name=name, sources=paths)
+
+
 def _cmd_eval(args) -> int:
     from .data import open_dataset
     from .evaluate import evaluate, format_table
@@ -183,8 +204,9 @@ def _cmd_eval(args) -> int:
                            image_size=method.backbone.image_size)
     if args.max_per_class:
         dataset = dataset.subset(max_per_class=args.max_per_class, seed=args.seed)
+    _set_reference_images(args, method, dataset)
     result = evaluate(method, dataset, out_dir=args.out, batch_size=args.batch_size, precision=args.precision,
-                      num_workers=args.workers, seed=args.seed, progress=not args.quiet,
+                      num_workers=args.workers, seed=args.seed, progress=not args.quiet, compile=args.compile,
                       extra_info={"argv": args.argv, "checkpoint": args.checkpoint, **checkpoint_info})
     print(format_table(result.table))
     if result.summary.get("random_weights"):
@@ -358,8 +380,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--classes", nargs="+", default=None)
     evaluate.add_argument("--max-per-class", type=int, default=None, help="a deterministic subset per class")
     evaluate.add_argument("--out", default=None, help="output folder for metrics.json, scores.csv, per_class.png")
-    evaluate.add_argument("--workers", type=int, default=0)
+    evaluate.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (decoding, resizing)")
+    evaluate.add_argument("--compile", nargs="?", const="default", default=False,
+                          choices=["default", "reduce-overhead", "max-autotune"],
+                          help="torch.compile the method (CUDA users; the first batch pays the compilation)")
     evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--k-shot", type=int, default=None,
+                          help="winclip: K normal reference images per class (WinCLIP+), drawn with --seed from the "
+                               "dataset's train split (or the first K of --reference-images)")
+    evaluate.add_argument("--reference-images", default=None,
+                          help="winclip: folder of normal reference images for every class, or with one subfolder "
+                               "per class name")
     evaluate.set_defaults(func=_cmd_eval)
 
     training = sub.add_parser("train", parents=[common],
