@@ -197,3 +197,26 @@ def test_bad_options_raise(tiny_backbone, overrides, message):
 def test_single_branch_variants_run(tiny_backbone, tiny_images, branch):
     out = build_method("adaclip", backbone=tiny_backbone, prompting_branch=branch)(tiny_images[:2], NAMES[:2])
     assert out.maps.shape == (2, TINY_SIZE, TINY_SIZE) and torch.isfinite(out.scores).all()
+
+
+def test_training_engine_runs_adamw_with_the_released_recipe(tiny_backbone, synthetic_root, tmp_path):
+    """zsadlib.train with TrainConfig.from_method: AdamW (decoupled weight decay 0.01) over the learned parameters;
+    the optimiser state it saves says so, and an unknown optimiser is one clear error."""
+    from zsadlib.data import open_dataset
+    from zsadlib.train import TrainingError, train
+
+    data = open_dataset("synthetic", synthetic_root, classes=["bottle"], image_size=TINY_SIZE).subset(max_per_class=2)
+    method = build_method("adaclip", backbone=tiny_backbone, seed=3)
+    before = {k: v.clone() for k, v in method.learned_state_dict().items()}
+    config = TrainConfig.from_method(method, max_steps=1, checkpoint_every=1)
+    result = train(method, data, tmp_path / "run", config, progress=False)
+    assert result.step == 1
+    state = torch.load(tmp_path / "run" / "checkpoints" / "optimizer.pt", map_location="cpu", weights_only=True)
+    group = state["optimizer"]["param_groups"][0]
+    assert group["decoupled_weight_decay"] is True and group["weight_decay"] == 0.01 and group["lr"] == 0.01
+    after = method.learned_state_dict()
+    assert torch.equal(after["text_prompts.0"], before["text_prompts.0"])  # no gradient: AdamW skips it
+    assert float((after["global_projection.weight"] - before["global_projection.weight"]).abs().max()) > 1e-3
+    with pytest.raises(TrainingError, match="optimizer"):
+        train(method, data, tmp_path / "other", TrainConfig.from_method(method, optimizer="sgd", max_steps=1),
+              progress=False)

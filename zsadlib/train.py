@@ -25,8 +25,9 @@ What a run directory holds::
     learned.safetensors           the final learned parameters, and their metadata (same format as last.*)
     learned.json
 
-Resume rules: ``batch_size``, ``seed``, ``lr``, ``betas``, ``weight_decay`` and ``precision`` must equal the
-checkpoint's (TrainingError naming the option and both values otherwise); ``epochs`` and ``max_steps`` may change.
+Resume rules: ``batch_size``, ``seed``, ``lr``, ``betas``, ``weight_decay``, ``optimizer`` and ``precision`` must
+equal the checkpoint's (TrainingError naming the option and both values otherwise); ``epochs`` and ``max_steps`` may
+change.
 
 Determinism and resume: the visiting order of epoch ``e`` is ``torch.randperm`` from a generator seeded by
 ``(seed, e)``, independent of the global RNG, so a run resumed from a checkpoint taken after batch ``k`` of an
@@ -327,7 +328,7 @@ PREVIOUS = "last.prev"  # the checkpoint before last.*: the fallback when a writ
 PREVIOUS_OPTIMIZER = "optimizer.prev.pt"
 # options that change what a step does: a resumed run must use the checkpoint's values (epochs and max_steps may
 # change: they only move the end of the run)
-RESUME_MUST_MATCH = ("batch_size", "seed", "lr", "betas", "weight_decay", "precision")
+RESUME_MUST_MATCH = ("batch_size", "seed", "lr", "betas", "weight_decay", "optimizer", "precision")
 
 
 def _checkpoint_files(ckpt_dir: Path) -> dict[str, list[Path]]:
