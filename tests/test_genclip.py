@@ -54,6 +54,7 @@ def test_config_defaults():
     assert config.fusion_weight == 0.5 and config.branch == "fused" and config.blur_sigma == 4.0
     assert config.temperature == pytest.approx(0.07) and config.name_filter == "single_token"
     assert config.lr == pytest.approx(1e-3) and config.betas == (0.5, 0.999) and config.batch_size == 8
+    assert config.mvp_linear and not config.score_from_map and not config.soft_term_alignment
     assert GenCLIPConfig.from_dict(config.to_dict()) == config
     fields = {f.name for f in dataclasses.fields(GenCLIPConfig)}
     assert set(OUR_CHOICES) <= fields  # every unpublished default is a config field
@@ -215,7 +216,7 @@ def test_visual_prompts_and_enhanced_text_follow_the_formula(per_prompt, tiny_ba
     V_l = fc2_l(act(fc1_l(mean_patches(normalize(P_l))))) from layer l's OWN patch tokens, split into P' rows of W
     (row 0 normal, row 1 abnormal with ``mvp_per_prompt``), and the enhanced text of layer l and prompt p = the text
     tower on "X ... X {name}." with the context tokens replaced by C_p + V_l[p]."""
-    other = build_method("genclip", backbone=tiny_backbone, mvp_per_prompt=per_prompt, mvp_hidden=8,
+    other = build_method("genclip", backbone=tiny_backbone, mvp_per_prompt=per_prompt, mvp_hidden=8, mvp_linear=False,
                          mvp_activation="gelu" if per_prompt else "relu", deep_prompts=not per_prompt)
     width, prompts = tiny_backbone.text_width, 2 if per_prompt else 1
     shapes = {k: tuple(v.shape) for k, v in other.learned_state_dict().items()}
@@ -299,7 +300,7 @@ def test_training_step_updates_learned_parameters_only(tiny_backbone, tiny_image
     trained = build_method("genclip", backbone=tiny_backbone)
     frozen = {name: p.detach().clone() for name, p in tiny_backbone.named_parameters()}
     before = {name: p.detach().clone() for name, p in trained.learned_parameters().items()}
-    assert {"text.context", "text.deep_prompts", "mvp.0.fc1.weight", "mvp.3.fc2.bias"} <= set(before)
+    assert {"text.context", "text.deep_prompts", "mvp.0.fc.weight", "mvp.3.fc.bias"} <= set(before)
     assert not any(name.startswith("backbone.") for name in before)
     optimizer = torch.optim.Adam(trained.parameter_groups(trained.config.lr), betas=trained.config.betas)
     loss, parts = trained.training_loss(tiny_images, _masks(), torch.tensor([1, 0, 1]), ["bottle", "pcb1", "screw"])
@@ -326,7 +327,7 @@ def test_loss_weights_and_image_only_loss(tiny_backbone, method, tiny_images):
     assert set(parts) == {"enhanced_image_ce", "query_image_ce"}
     assert float(loss.detach()) == pytest.approx(parts["enhanced_image_ce"] + parts["query_image_ce"], rel=1e-5)
     loss.backward()  # the image terms alone reach the context and the MLPs
-    assert float(method.text.context.grad.abs().sum()) > 0 and float(method.mvp[3].fc2.weight.grad.abs().sum()) > 0
+    assert float(method.text.context.grad.abs().sum()) > 0 and float(method.mvp[3].fc.weight.grad.abs().sum()) > 0
     method.zero_grad()
     with pytest.raises(MethodError, match="masks"):
         method.training_loss(tiny_images, torch.zeros(3, 56, 56), labels, names)
@@ -336,14 +337,16 @@ def test_learned_state_dict_round_trip(tiny_backbone, method, tiny_images):
     state = method.learned_state_dict()
     other = build_method("genclip", backbone=tiny_backbone, seed=7)
     assert not torch.equal(other.text.context, method.text.context)
-    assert not torch.equal(other.mvp[0].fc1.weight, method.mvp[0].fc1.weight)
+    assert not torch.equal(other.mvp[0].fc.weight, method.mvp[0].fc.weight)
     other.load_learned_state_dict(state)
     assert all(torch.equal(other.learned_state_dict()[k], v) for k, v in state.items())
     names = ["bottle", "pcb1", "screw"]
     a, b = method(tiny_images, names), other(tiny_images, names)
     assert torch.equal(a.maps, b.maps) and torch.equal(a.scores, b.scores)
     with pytest.raises(MethodError, match="shape mismatch"):
-        build_method("genclip", backbone=tiny_backbone, mvp_hidden=4).load_learned_state_dict(state)
+        build_method("genclip", backbone=tiny_backbone, mvp_per_prompt=True).load_learned_state_dict(state)
+    with pytest.raises(MethodError, match="fc1"):  # the 2-layer MLP form does not take the linear form's weights
+        build_method("genclip", backbone=tiny_backbone, mvp_linear=False).load_learned_state_dict(state)
     with pytest.raises(MethodError, match=r"unexpected \['text\.deep_prompts'\]"):
         build_method("genclip", backbone=tiny_backbone, deep_prompts=False).load_learned_state_dict(state)
 
@@ -434,3 +437,81 @@ def test_metrics_record_the_filter_outcome_of_the_evaluated_classes_only(tiny_ba
     described = method.describe(["widget2", "screw"])["name_filter"]
     assert described["filtered"] == ["widget2"] and described["kept"] == ["screw"]
     assert "pcb1" in method.describe()["name_filter"]["filtered"]
+
+
+# ---- the paper's choices and the journal's adaptive term alignment ------------------------------------------------
+def test_linear_visual_prompts_follow_the_formula(tiny_backbone, tiny_images):
+    """mvp_linear (default, the paper): V_l = W_l mean_patches(normalize(P_l)) + b_l, one Linear per layer, on
+    layer l's own patch tokens."""
+    other = build_method("genclip", backbone=tiny_backbone)
+    width = tiny_backbone.text_width
+    shapes = {k: tuple(v.shape) for k, v in other.learned_state_dict().items()}
+    assert shapes["mvp.0.fc.weight"] == (width, tiny_backbone.embed_dim) and shapes["mvp.3.fc.bias"] == (width,)
+    assert not any("fc1" in key or "fc2" in key for key in shapes)
+    weights = []
+    with torch.no_grad():
+        for layer, linear in enumerate(other.mvp):
+            generator = torch.Generator().manual_seed(2000 + layer)
+            w = torch.randn(linear.fc.weight.shape, generator=generator) * (1 + layer)
+            b = torch.randn(linear.fc.bias.shape, generator=generator)
+            linear.fc.weight.copy_(w)
+            linear.fc.bias.copy_(b)
+            weights.append((w, b))
+        out = other(tiny_images, ["bottle"] * 3)
+        features = tiny_backbone.forward_features(tiny_images, layers=LAYERS, dense_from=6, global_ln_post=True)
+    expected = torch.stack([(F.normalize(patches, dim=-1).mean(dim=1) @ w.T + b).reshape(3, 1, width)
+                            for (w, b), patches in zip(weights, features.patch_embeddings)], dim=1)
+    torch.testing.assert_close(out.extras["visual_prompts"], expected, atol=1e-5, rtol=1e-5)
+    for a in range(4):
+        for b in range(a):
+            assert (expected[:, a] - expected[:, b]).abs().max() > 1e-2
+
+
+def test_score_from_map_is_the_maximum_of_each_map(tiny_backbone, method, tiny_images):
+    names = ["bottle", "pcb1", "screw"]
+    base = method(tiny_images, names)
+    other = _twin(tiny_backbone, method, score_from_map=True)
+    out = other(tiny_images, names)
+    torch.testing.assert_close(out.maps, base.maps)  # the maps do not change
+    enhanced, query = base.extras["enhanced_maps"], base.extras["query_maps"]
+    fused = 0.5 * enhanced + 0.5 * query
+    for key, maps in (("enhanced_scores", enhanced), ("query_scores", query), ("fused_scores", fused)):
+        expected = torch.tensor([float(maps[i].max()) for i in range(3)])
+        torch.testing.assert_close(out.extras[key], expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.scores, out.extras["fused_scores"], atol=0, rtol=0)
+    assert not torch.allclose(out.scores, base.scores, atol=1e-3)
+
+
+def test_soft_term_alignment_mixes_named_and_replaced_text(tiny_backbone, method, tiny_images):
+    """A filtered name is down-weighted, not replaced: w = words / BPE tokens ("pcb1" -> pcb + 1 = 1/2,
+    "pipe_fryum" -> pipe + fr + yum = 2/3), text = normalize(w n(T[name]) + (1 - w) n(T["object"]))."""
+    from zsadlib.prompts.filtering import split_words, word_tokens
+
+    names = ["bottle", "pcb1", "pipe_fryum"]
+    expected_weights = [1.0, 1 / 2, 2 / 3]
+    assert [len(split_words(n)) / sum(len(word_tokens(w)) for w in split_words(n)) for n in names][1:] == \
+        pytest.approx(expected_weights[1:])
+    soft = _twin(tiny_backbone, method, soft_term_alignment=True)
+    out = soft(tiny_images, names)
+    torch.testing.assert_close(out.extras["term_weights"], torch.tensor(expected_weights))
+    assert out.extras["prompt_names"] == ["bottle", "pcb1", "pipe fryum"]
+    with torch.no_grad():
+        features = soft.image_features(tiny_images)
+        visual = soft.visual_prompts(features)
+        _, named = soft.encode_prompts(["bottle", "pcb1", "pipe fryum"], visual)
+        _, replaced = soft.encode_prompts(["object"] * 3, visual)
+    named, replaced = F.normalize(named, dim=-1), F.normalize(replaced, dim=-1)
+    w = torch.tensor(expected_weights).view(3, 1, 1, 1)
+    expected = F.normalize(w * named + (1 - w) * replaced, dim=-1)
+    torch.testing.assert_close(out.extras["text_features_enhanced"], expected, atol=1e-5, rtol=1e-5)
+    # a kept name keeps its text; the replacement mode ("object") differs from the soft one for filtered names
+    hard = method(tiny_images, names)
+    torch.testing.assert_close(out.extras["text_features_enhanced"][0], hard.extras["text_features_enhanced"][0],
+                               atol=1e-5, rtol=1e-5)
+    for i in (1, 2):
+        assert not torch.allclose(out.extras["text_features_enhanced"][i], hard.extras["text_features_enhanced"][i],
+                                  atol=1e-4)
+    torch.testing.assert_close(out.extras["query_scores"], hard.extras["query_scores"])  # query branch untouched
+    loss, _ = soft.training_loss(tiny_images, _masks(), torch.tensor([1, 0, 1]), names)  # differentiable
+    loss.backward()
+    assert float(soft.mvp[0].fc.weight.grad.abs().sum()) > 0

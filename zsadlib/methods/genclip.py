@@ -9,15 +9,17 @@ What the method computes (shapes for a batch of B images, L tapped layers, D joi
     features   frozen CLIP: patch tokens P_l [B, N, D] at layers 6/12/18/24 (ln_post @ proj), global g [B, D]
     GQP        learned context C [2, n_ctx, W] (normal, abnormal), shared by all layers and both branches,
                plus optional deep text prompts (as AnomalyCLIP)
-    MVP        V_l = MLP_l(mean_patches(P_l)) [B, W], one 2-layer MLP per tapped layer; added to every context
-               token: context of layer l of image b = C + V_l[b]
+    MVP        V_l = Linear_l(mean_patches(P_l)) [B, W], one single linear layer per tapped layer (paper; the
+               2-layer MLP with ``mvp_linear=False``); added to every context token: context of layer l of
+               image b = C + V_l[b]
     enhanced   prompts "[C + V_l] {name}." / "[C + V_l] damaged {name}." (name filtered, see below)
                -> text T_enh [B, L, 2, D]: every image and layer has its own text embeddings
     query      prompts "[C] object." / "[C] damaged object." -> text T_q [2, D] (no class name, no visual term)
     maps       per branch and layer: softmax(cos(P_l, T_l) / 0.07) [B, N, 2]; (p_abn + 1 - p_norm) / 2 upsampled
                bilinearly; combined over layers (sum or mean); Gaussian blur sigma 4
     scores     per branch: softmax(cos(g, T) / 0.07)[abnormal]; the enhanced branch uses the last tapped layer's
-               text (OUR choice, ``enhanced_global_text``)
+               text (OUR choice, ``enhanced_global_text``); ``score_from_map=True``: the maximum of the branch's
+               final map instead (the fused score then is the maximum of the fused map)
     fused      w * enhanced + (1 - w) * query, for maps and scores (w = ``fusion_weight`` = 0.5)
 
 All text embeddings of a batch -- the query prompts and the B x L x 2 enhanced prompts -- go through the text
@@ -26,7 +28,10 @@ encoder in ONE call (:meth:`GenCLIP.encode_prompts`).
 Adaptive text prompt filtering (:mod:`zsadlib.prompts.filtering`): before prompting, class names that are not made
 of single whole-word CLIP BPE tokens are replaced by "object" (``name_filter="single_token"``, OUR rule). The names
 filtered so far are in :attr:`GenCLIP.filtered_names`, each forward's report in ``extras["filter_report"]``, and
-both in :meth:`GenCLIP.describe`.
+both in :meth:`GenCLIP.describe`. ``soft_term_alignment=True`` (the journal version's "adaptive term alignment")
+down-weights a filtered name instead of replacing it: with w = words / CLIP BPE tokens of the name (1 for a name of
+whole-word tokens, lower the more the BPE cuts it), each enhanced text is
+normalize(w * n(T[name]) + (1 - w) * n(T[replacement])), n = L2 normalisation (the mixing formula is OURS).
 
 Training: ``enhanced_loss_weight * L(enhanced) + query_loss_weight * L(query)`` with, per branch,
 ``L = pixel_loss_weight * sum_layers [focal + dice(p_abn, mask) + dice(p_norm, 1 - mask)]
@@ -44,7 +49,7 @@ from torch import nn
 from .. import ops
 from ..backbone import Backbone, ImageFeatures
 from ..losses import image_cross_entropy, layer_pixel_losses
-from ..prompts.filtering import FILTER_RULES, FilterReport, filter_class_names
+from ..prompts.filtering import FILTER_RULES, FilterReport, filter_class_names, prompt_form
 from ..prompts.learned import LearnedPromptConfig, LearnedPromptText, fill_placeholder
 from ..utils import seeded
 from .base import (AnomalyMethod, MethodConfig, MethodError, MethodOutput, check_layers, check_map_settings,
@@ -76,12 +81,14 @@ OUR_CHOICES: dict[str, str] = {
     "enhanced_templates": "'[ctx] {name}.' / '[ctx] damaged {name}.' (AnomalyCLIP's states with the class name)",
     "deep_prompts": "on, AnomalyCLIP's deep text prompts (text blocks 2..9, 4 tokens)",
     "deep_prompt_fp16_round": "False: the float16 rounding is an AnomalyCLIP code quirk, not part of GenCLIP",
-    "mvp_hidden": "None = embed_dim // 2 (ViP2-CLIP's MetaNet 768-384-768 shape)",
-    "mvp_activation": "ReLU between the two Linear layers (CoCoOp's meta-net)",
+    "mvp_hidden": "with mvp_linear=False only: None = embed_dim // 2 (ViP2-CLIP's MetaNet 768-384-768 shape)",
+    "mvp_activation": "with mvp_linear=False only: ReLU between the two Linear layers (CoCoOp's meta-net)",
     "mvp_normalize": "patch features are L2-normalised before the mean (as the similarity uses them)",
     "mvp_per_prompt": "False: one visual vector shared by the normal and abnormal context",
     "layer_fusion": "'sum' over layers as AnomalyCLIP's test.py",
     "enhanced_global_text": "'last': the enhanced branch scores the global token with the last tapped layer's text",
+    "score_from_map": "False: image scores from the global token against the text (AnomalyCLIP's); the available "
+                      "paper text does not say; third-party summaries say the maximum of the map (True)",
     "fusion_weight": "0.5 weighted mean of the two branches (METHODS.md)",
     "name_filter": "'single_token': every word must be one whole-word CLIP BPE token",
     "pixel_loss_weight": "1.0 on the per-layer focal + dice sum (AnomalyCLIP paper, 4 layers)",
@@ -116,14 +123,22 @@ class GenCLIPConfig(MethodConfig):
     deep_prompt_fp16_round: bool = False  # OUR choice: no float16 rounding (an AnomalyCLIP code quirk)
     init_std: float = 0.02  # N(0, 0.02^2) initialisation of the context and deep tokens (CoOp / AnomalyCLIP)
     # -- MVP: multi-layer vision prompts -----------------------------------------------------------------------
-    mvp_hidden: int | None = None  # OUR choice: hidden width of each 2-layer MLP; None = embed_dim // 2
-    mvp_activation: str = "relu"  # OUR choice: "relu" | "gelu" | "tanh" | "identity"
+    mvp_linear: bool = True  # paper, multi-layer prompting: V_i = MLP_i(mean(F_i)) where MLP_i is one learnable
+    # single-layer linear projection per layer, added to the shared query prompt tokens (the paper's own text was not
+    # available here: this is its formula as themoonlight.io's summary of arXiv 2504.14919v1 gives it, section not
+    # named there). False = a 2-layer MLP (mvp_hidden, mvp_activation; our first guess)
+    mvp_hidden: int | None = None  # with mvp_linear=False: hidden width of each 2-layer MLP; None = embed_dim // 2
+    mvp_activation: str = "relu"  # with mvp_linear=False: "relu" | "gelu" | "tanh" | "identity"
     mvp_normalize: bool = True  # OUR choice: L2-normalise patch features before taking their mean
     mvp_per_prompt: bool = False  # OUR choice: False = one [W] vector added to both prompts' context tokens;
     # True = separate vectors for the normal and abnormal context ([2, W] per layer)
     # -- adaptive text prompt filtering --------------------------------------------------------------------------
     name_filter: str = "single_token"  # OUR rule (paper's unpublished): see zsadlib.prompts.filtering.FILTER_RULES
     filter_replacement: str = "object"  # paper: filtered names become "object"
+    soft_term_alignment: bool = False  # journal version (Pattern Recognition 2026, "adaptive term alignment ...
+    # down-weights uninformative textual terms"): a filtered name stays in the prompt, its enhanced text mixed with
+    # the replacement's by w = words / BPE tokens (OUR formula, see the module docstring). False = the conference
+    # paper's replacement
     # -- inference ----------------------------------------------------------------------------------------------
     temperature: float = 0.07  # common ground: cos / 0.07
     layer_fusion: str = "sum"  # OUR choice: "sum" (AnomalyCLIP test.py) | "mean" over layers
@@ -131,6 +146,8 @@ class GenCLIPConfig(MethodConfig):
     enhanced_global_text: str = "last"  # OUR choice: text of the enhanced branch's image score: "last" tapped
     # layer's text embeddings | "mean" (normalised mean over layers)
     fusion_weight: float = 0.5  # paper: weighted mean of the branches (weight unpublished: 0.5, METHODS.md)
+    score_from_map: bool = False  # OUR choice: False = softmax(cos(global, text) / T)[abnormal] per branch; True =
+    # the maximum of each branch's final map (third-party summaries; not in the paper text available to us)
     branch: str = "fused"  # what forward returns: "fused" | "enhanced" | "query"
     # -- training -----------------------------------------------------------------------------------------------
     pixel_loss_weight: float = 1.0  # OUR choice: weight of sum over layers of focal + 2 dice (AnomalyCLIP paper)
@@ -146,15 +163,21 @@ class GenCLIPConfig(MethodConfig):
 
 
 class VisualPromptMLP(nn.Module):
-    """MVP for one layer: ``Linear(D, hidden) -> activation -> Linear(hidden, out)``; [..., D] -> [..., out]."""
+    """MVP for one layer: ``Linear(D, hidden) -> activation -> Linear(hidden, out)`` (parameters ``fc1``, ``fc2``), or
+    with ``linear=True`` the paper's single ``Linear(D, out)`` (parameter ``fc``); [..., D] -> [..., out]."""
 
-    def __init__(self, in_dim: int, hidden: int, out_dim: int, activation: str = "relu"):
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, activation: str = "relu", linear: bool = False):
         super().__init__()
-        self.fc1 = nn.Linear(in_dim, hidden)
-        self.act = _ACTIVATIONS[activation]()
-        self.fc2 = nn.Linear(hidden, out_dim)
+        if linear:
+            self.fc = nn.Linear(in_dim, out_dim)
+        else:
+            self.fc1 = nn.Linear(in_dim, hidden)
+            self.act = _ACTIVATIONS[activation]()
+            self.fc2 = nn.Linear(hidden, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "fc"):
+            return self.fc(x)
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -172,6 +195,7 @@ class _BranchOutputs:
     probs_enhanced: list[torch.Tensor]  # L x [B, N, 2]
     logits_query: torch.Tensor  # [B, 2]
     logits_enhanced: torch.Tensor  # [B, 2]
+    term_weights: torch.Tensor | None = None  # [B] with soft_term_alignment
 
 
 @register_method
@@ -189,7 +213,8 @@ class GenCLIP(AnomalyMethod):
     * ``"prompt_names"`` (one per image, after filtering) and ``"filter_report"`` (:class:`FilterReport`).
 
     Learned parameters: ``text.context`` [2, n_ctx, W], ``text.deep_prompts`` [deep_depth - 1, deep_length, W]
-    (with deep prompts), ``mvp.<l>.fc1/fc2`` (one MLP per tapped layer).
+    (with deep prompts), ``mvp.<l>.fc`` (one linear layer per tapped layer; ``mvp.<l>.fc1/fc2`` with
+    ``mvp_linear=False``).
     """
 
     name = "genclip"
@@ -220,7 +245,8 @@ class GenCLIP(AnomalyMethod):
         self.mvp_prompts = 2 if config.mvp_per_prompt else 1
         with seeded(int(config.seed) + 1):  # seeded MLP initialisation that leaves the global RNGs alone
             self.mvp = nn.ModuleList(
-                VisualPromptMLP(embed_dim, hidden, self.mvp_prompts * width, config.mvp_activation)
+                VisualPromptMLP(embed_dim, hidden, self.mvp_prompts * width, config.mvp_activation,
+                                linear=config.mvp_linear)
                 for _ in self.layers
             )
         self.mvp.to(device=backbone.device, dtype=self.text.context.dtype)
@@ -350,15 +376,36 @@ class GenCLIP(AnomalyMethod):
         encoded = text.encode(all_embeddings, all_ids)  # the one text-encoder call
         return encoded[:prompts], encoded[prompts:].reshape(batch, n_layers, prompts, -1)
 
+    def term_weights(self, class_names: Sequence[str], report: FilterReport) -> torch.Tensor:
+        """Adaptive term alignment: [B] weight of each class name, 1 for names the filter keeps, else
+        ``words / CLIP BPE tokens`` of the name (``report.tokens``), e.g. "pipe_fryum" -> 2 / 3."""
+        weights = []
+        for name in class_names:
+            pieces = report.tokens[str(name)]
+            kept = str(name) in report.kept
+            weights.append(1.0 if kept or not pieces else len(pieces) / sum(len(word) for word in pieces))
+        return torch.tensor(weights, dtype=torch.float32)
+
     def _branches(self, images: torch.Tensor, class_names: Sequence[str] | None) -> _BranchOutputs:
         config = self.config
         names = self._class_names(class_names, images.shape[0])
         prompt_names, report = self.filter_names(names)
         features = self.image_features(images)
         visual = self.visual_prompts(features)  # [B, L, P', W]
-        query, enhanced = self.encode_prompts(prompt_names, visual)
+        weights = self.term_weights(names, report) if config.soft_term_alignment else None
+        if weights is not None and bool((weights < 1).any()):
+            prompt_names = [prompt_form(name) for name in names]  # every name stays, down-weighted below
+            batch = len(names)
+            replacements = [config.filter_replacement] * batch
+            query, both = self.encode_prompts(prompt_names + replacements, torch.cat([visual, visual]))
+            named = F.normalize(both[:batch].float(), dim=-1)
+            replaced = F.normalize(both[batch:].float(), dim=-1)
+            w = weights.to(named.device).view(-1, 1, 1, 1)
+            text_enhanced = F.normalize(w * named + (1 - w) * replaced, dim=-1)  # [B, L, 2, D]
+        else:
+            query, enhanced = self.encode_prompts(prompt_names, visual)
+            text_enhanced = F.normalize(enhanced.float(), dim=-1)  # [B, L, 2, D]
         text_query = F.normalize(query.float(), dim=-1)  # [2, D]
-        text_enhanced = F.normalize(enhanced.float(), dim=-1)  # [B, L, 2, D]
         temperature = config.temperature
         probs_query, probs_enhanced = [], []
         for index, patches in enumerate(features.patch_embeddings):
@@ -373,7 +420,7 @@ class GenCLIP(AnomalyMethod):
             global_text = F.normalize(text_enhanced.mean(dim=1), dim=-1)
         logits_enhanced = torch.einsum("bd,bcd->bc", global_embedding, global_text) / temperature
         return _BranchOutputs(features, prompt_names, report, visual, text_query, text_enhanced,
-                              probs_query, probs_enhanced, logits_query, logits_enhanced)
+                              probs_query, probs_enhanced, logits_query, logits_enhanced, weights)
 
     # -- inference ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -391,11 +438,15 @@ class GenCLIP(AnomalyMethod):
         if config.blur_sigma > 0:
             both = ops.gaussian_blur(both, config.blur_sigma)
         enhanced_maps, query_maps = both[:, 0], both[:, 1]
-        enhanced_scores = out.logits_enhanced.softmax(dim=-1)[:, 1]
-        query_scores = out.logits_query.softmax(dim=-1)[:, 1]
         w = float(config.fusion_weight)
         fused_maps = w * enhanced_maps + (1.0 - w) * query_maps
-        fused_scores = w * enhanced_scores + (1.0 - w) * query_scores
+        if config.score_from_map:
+            enhanced_scores, query_scores, fused_scores = (m.amax(dim=(-2, -1))
+                                                           for m in (enhanced_maps, query_maps, fused_maps))
+        else:
+            enhanced_scores = out.logits_enhanced.softmax(dim=-1)[:, 1]
+            query_scores = out.logits_query.softmax(dim=-1)[:, 1]
+            fused_scores = w * enhanced_scores + (1.0 - w) * query_scores
         if config.branch == "enhanced":
             scores, maps, returned_layers = enhanced_scores, enhanced_maps, enhanced_layers
         elif config.branch == "query":
@@ -410,6 +461,8 @@ class GenCLIP(AnomalyMethod):
             "text_features_query": out.text_query, "text_features_enhanced": out.text_enhanced,
             "visual_prompts": out.visual_prompts, "prompt_names": out.prompt_names, "filter_report": out.report,
         }
+        if out.term_weights is not None:
+            extras["term_weights"] = out.term_weights
         return MethodOutput(scores=scores, maps=maps, extras=extras)
 
     # -- training ----------------------------------------------------------------------------------------------------
