@@ -45,3 +45,14 @@ def test_training_step_on_cuda(name, tiny_images):
     loss, _ = method.training_loss(tiny_images.cuda(), masks, torch.tensor([1, 0, 1], device="cuda"), ["bottle"] * 3)
     loss.backward()
     assert torch.isfinite(loss) and any(p.grad is not None for p in method.learned_parameters().values())
+
+
+@pytest.mark.parametrize("name", ["anomalyclip", "crane"])
+def test_compiled_method_on_cuda_equals_uncompiled(name, tiny_images):
+    from zsadlib.runtime import compiled
+
+    method = _build(name, "cuda")
+    names = ["bottle"] * tiny_images.shape[0]
+    expected = run_method(method, tiny_images, names)
+    out = run_method(compiled(method, "default"), tiny_images, names)
+    assert (out.maps - expected.maps).abs().max() < 1e-3 and (out.scores - expected.scores).abs().max() < 1e-3

@@ -206,7 +206,7 @@ def _cmd_eval(args) -> int:
         dataset = dataset.subset(max_per_class=args.max_per_class, seed=args.seed)
     _set_reference_images(args, method, dataset)
     result = evaluate(method, dataset, out_dir=args.out, batch_size=args.batch_size, precision=args.precision,
-                      num_workers=args.workers, seed=args.seed, progress=not args.quiet,
+                      num_workers=args.workers, seed=args.seed, progress=not args.quiet, compile=args.compile,
                       extra_info={"argv": args.argv, "checkpoint": args.checkpoint, **checkpoint_info})
     print(format_table(result.table))
     if result.summary.get("random_weights"):
@@ -380,7 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--classes", nargs="+", default=None)
     evaluate.add_argument("--max-per-class", type=int, default=None, help="a deterministic subset per class")
     evaluate.add_argument("--out", default=None, help="output folder for metrics.json, scores.csv, per_class.png")
-    evaluate.add_argument("--workers", type=int, default=0)
+    evaluate.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (decoding, resizing)")
+    evaluate.add_argument("--compile", nargs="?", const="default", default=False,
+                          choices=["default", "reduce-overhead", "max-autotune"],
+                          help="torch.compile the method (CUDA users; the first batch pays the compilation)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--k-shot", type=int, default=None,
                           help="winclip: K normal reference images per class (WinCLIP+), drawn with --seed from the "

@@ -37,7 +37,7 @@ from . import metrics as metrics_module
 from .checkpoint import atomic_write
 from .data import AnomalyDataset, collate_samples, metric_levels
 from .methods.base import AnomalyMethod, MethodOutput
-from .runtime import PRECISIONS, Precision, autocast  # noqa: F401 - importable from here as before
+from .runtime import PRECISIONS, Precision, autocast, compiled  # noqa: F401 - importable from here as before
 from .utils import json_safe, package_versions
 
 __all__ = ["Precision", "autocast", "run_method", "evaluate", "EvaluationResult", "PRECISIONS", "format_table"]
@@ -92,6 +92,7 @@ def evaluate(
     extra_info: dict[str, Any] | None = None,
     work_dir: str | Path | None = None,
     keep_maps_for: Sequence[int] = (),
+    compile: bool | str = False,
 ) -> EvaluationResult:
     """Run ``method`` over ``dataset``, compute per-class metrics and the macro mean.
 
@@ -114,6 +115,8 @@ def evaluate(
             SIGINT/SIGTERM (in the CLI); one left by a SIGKILL is deleted by the next evaluation there.
         keep_maps_for: dataset indices whose maps are returned in ``result.kept_maps`` (for figures; keep it
             short, these stay in memory).
+        compile: ``torch.compile`` the method for this evaluation (True or a mode of
+            :data:`zsadlib.runtime.COMPILE_MODES`); results equal the uncompiled ones up to float rounding.
     """
     if len(dataset) == 0:
         raise ValueError(f"dataset {dataset!r} is empty")
@@ -145,8 +148,9 @@ def evaluate(
                             collate_fn=collate_samples)
         position = 0
         bar = tqdm(total=count, desc=f"{method.name}: inference", unit="img", disable=not progress)
+        runner = compiled(method, compile)
         for batch in loader:
-            output = run_method(method, batch.images, batch.class_names, precision=precision)
+            output = run_method(runner, batch.images, batch.class_names, precision=precision)
             n = len(batch)
             maps[position:position + n] = output.maps.detach().cpu().numpy()
             if masks is not None:
@@ -189,7 +193,7 @@ def evaluate(
                     "classes": list(dataset.class_names), "images": count,
                     "anomalous": int(labels.sum()), "has_masks": bool(dataset.has_masks),
                     "metric_levels": list(levels)},
-        "run": {"batch_size": batch_size, "precision": precision, "seed": seed,
+        "run": {"batch_size": batch_size, "precision": precision, "seed": seed, "compile": compile,
                 "device": str(method.backbone.device), "inference_seconds": round(inference_seconds, 3),
                 "total_seconds": round(time.time() - started, 3)},
         "aupro_variants": list(aupro_variants),

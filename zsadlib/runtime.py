@@ -9,10 +9,31 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["PRECISIONS", "Precision", "autocast", "resolve_device", "available_devices", "check_device"]
+__all__ = ["PRECISIONS", "Precision", "COMPILE_MODES", "autocast", "compiled", "resolve_device", "available_devices",
+           "check_device"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 Precision = str
+
+
+# torch.compile modes (``True`` = "default"); compiling is an option for CUDA users, never required
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
+def compiled(module: torch.nn.Module, mode: bool | str = False, backend: str = "inductor") -> torch.nn.Module:
+    """``module`` itself (``mode`` False) or ``torch.compile(module, mode=..., backend=...)``.
+
+    The compiled wrapper forwards attribute reads (``.backbone``, ``.name``, ``.config``) to the module and shares its
+    parameters, so the engines use it in place of the method. Python-side work (text caches, class-name filtering)
+    becomes graph breaks, not errors. The first batch pays the compilation (a minute or more), so it pays off on long
+    evaluations on CUDA; on the CPU inductor needs a C++ compiler.
+    """
+    if mode is False or mode is None:
+        return module
+    mode = "default" if mode is True else mode
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {COMPILE_MODES} (or True/False), not {mode!r}")
+    return torch.compile(module, mode=mode, backend=backend)
 
 
 @contextlib.contextmanager
