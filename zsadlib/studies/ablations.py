@@ -28,6 +28,7 @@ _FIELD_LINE = re.compile(r"^\s+(\w+)\s*:[^=#]+=[^#]*#\s*(.*)$")
 EXTRA_QUIRKS: dict[str, dict[str, list[Any]]] = {
     "anomalyclip": {"layers": [[6, 12, 18, 24]]},  # released code: layer 24 only; the paper: 6/12/18/24
     "crane_plus": {"dattn_mean": ["batch"]},  # OUR default is per image; the reference's mean over the batch
+    "adaclip": {"kmeans_seed": [None]},  # OUR default seeds each image's k-means; the reference's global NumPy RNG
 }
 #: the value a marked non-boolean field is switched to (the corrected or the other documented behaviour)
 ALTERNATIVES: dict[str, Any] = {
