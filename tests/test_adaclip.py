@@ -1,6 +1,8 @@
 """AdaCLIP on the tiny random-weight backbone (112 px, 8 x 8 patches, widths 32): contract, properties, training.
 
 Equality with the authors' code is tests/test_adaclip_reference.py."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -220,3 +222,13 @@ def test_training_engine_runs_adamw_with_the_released_recipe(tiny_backbone, synt
     with pytest.raises(TrainingError, match="optimizer"):
         train(method, data, tmp_path / "other", TrainConfig.from_method(method, optimizer="sgd", max_steps=1),
               progress=False)
+
+
+@pytest.mark.skipif(not os.environ.get("ZSAD_ADACLIP_CHECKPOINT"),
+                    reason="set ZSAD_ADACLIP_CHECKPOINT to a released AdaCLIP checkpoint (pretrained_*.pth)")
+def test_released_checkpoint_loads_at_vit_l():
+    """The authors' released weights fit the ViT-L-14-336 configuration exactly (random CLIP weights)."""
+    method = build_method("adaclip", pretrained=None, device="cpu")
+    method.load_reference_checkpoint(os.environ["ZSAD_ADACLIP_CHECKPOINT"])
+    state = torch.load(os.environ["ZSAD_ADACLIP_CHECKPOINT"], map_location="cpu", weights_only=True)
+    assert torch.equal(method.global_projection.weight, state["clip_model.cls_token_layer.head.0.weight"].float())
