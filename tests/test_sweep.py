@@ -222,3 +222,29 @@ def test_ray_engine_on_a_local_instance(tmp_path, notebook):
     assert sorted(executions(log)) == [1, 2, 3, 3]
     results, _ = collect(spec.out)
     assert sorted(results[results.class_name == "mean"].query("metric == 'image_auroc'").value) == [0.1, 0.2]
+
+
+def test_regress_runs_every_smoke_run_and_tables_what_moved(tmp_path, notebook):
+    from zsadlib.sweep.regress import format_problems, regress
+
+    harness, notebooks = tmp_path / "harness", tmp_path / "notebooks"
+    (harness / "expected").mkdir(parents=True)
+    notebooks.mkdir()
+    tiny_notebook(notebooks / "tiny.ipynb")
+    smoke = {"tiny": {"x": 2}, "tiny@moved": {"x": 3}, "tiny@new": {"x": 4}}
+    (harness / "smoke_params.json").write_text(json.dumps(smoke))
+    values = {"metrics/image_auroc": 0.2, "metrics/pixel_ap": None, "per_class/a/image_auroc": 0.1,
+              "per_class/b/image_auroc": 0.05, "note": "not a metric", "n": 2}
+    numeric = [k for k, v in values.items() if isinstance(v, (int, float))]
+    for name, changes in (("tiny", {}), ("tiny@moved", {"n": 3, "note": "not a metric"})):
+        stored = {**values, **changes}
+        stored["metrics/image_auroc"] = 0.2  # x = 3 gives 0.3: moved
+        tolerance = {k: {"rel": 2e-3, "abs": 1e-6} for k in numeric}
+        (harness / "expected" / f"{name}.json").write_text(json.dumps({"tolerance": tolerance, "values": stored}))
+    rows = regress(tmp_path / "out", jobs=2, progress=False, data_root=tmp_path, harness=harness,
+                   notebook_dir=notebooks)
+    assert {(r["run"], r["key"], r["problem"]) for r in rows} == {
+        ("tiny@moved", "metrics/image_auroc", "moved"), ("tiny@moved", "per_class/a/image_auroc", "moved"),
+        ("tiny@moved", "per_class/b/image_auroc", "moved"), ("tiny@new", "", "no expected file")}
+    table = format_problems(rows)
+    assert "metrics/image_auroc" in table and "+0.1 (0.5 rel)" in table

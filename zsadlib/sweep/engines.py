@@ -66,13 +66,16 @@ class _Progress:
             self.failed += 1
         else:
             self.done += 1
+        self.show(running=max(0, self.running - 1))
         self.bar.update(1)
-        self.show()
 
     def show(self, running: int | None = None) -> None:
-        if running is not None:
-            self.running = running
-        self.bar.set_postfix(done=self.done, running=self.running, failed=self.failed, refresh=True)
+        """Redraw the counts when they changed."""
+        counts = (self.done, self.running if running is None else running, self.failed)
+        if getattr(self, "_shown", None) != counts:
+            self._shown = counts
+            self.running = counts[1]
+            self.bar.set_postfix(done=self.done, running=self.running, failed=self.failed, refresh=False)
 
     def close(self) -> None:
         self.bar.close()

@@ -62,9 +62,9 @@ def parameter_names(notebook_path: Path) -> set[str]:
     return names
 
 
-def smoke_run(name: str, smoke: dict[str, Any], data_root: str | Path) -> Run:
+def smoke_run(name: str, smoke: dict[str, Any], data_root: str | Path, notebook_dir: Path = NOTEBOOK_DIR) -> Run:
     """The sweep run of smoke run ``name``: its parameters, every ``*root`` parameter at ``data_root``."""
-    notebook = notebook_of(name)
+    notebook = notebook_of(name, notebook_dir)
     names = parameter_names(notebook)
     unknown = set(smoke) - names
     if unknown:
@@ -171,19 +171,22 @@ def format_problems(rows: list[dict[str, Any]]) -> str:
 
 
 def regress(out: str | Path, engine: str = "local", jobs: int | None = None, address: str | None = None,
-            names: list[str] | None = None, progress: bool = True) -> list[dict[str, Any]]:
-    """Run the smoke runs (all, or ``names``) as one sweep in ``out`` (the synthetic set generated in
-    ``out/synthetic``) and compare each with its expected file; returns the rows of what moved (a failed run or a
-    missing expected file is one row)."""
+            names: list[str] | None = None, progress: bool = True, data_root: str | Path | None = None,
+            harness: Path = HARNESS, notebook_dir: Path = NOTEBOOK_DIR) -> list[dict[str, Any]]:
+    """Run the smoke runs of ``harness``/smoke_params.json (all, or ``names``) as one sweep in ``out`` (on the
+    synthetic set ``data_root``, default generated in ``out/synthetic``) and compare each with
+    ``harness``/expected/<run>.json; returns the rows of what moved (a failed run or a missing expected file is
+    one row)."""
     from ..data.synthetic import ensure_synthetic
     from .engines import run_sweep
     from .execute import METRICS_FILE
 
     out = Path(out)
-    smoke = smoke_parameters_file()
+    smoke = smoke_parameters_file(harness)
     names = sorted(names or smoke)
-    data_root = ensure_synthetic(out / "synthetic", progress=progress, reuse_existing=True)
-    runs = {name: smoke_run(name, smoke[name], data_root) for name in names}
+    if data_root is None:
+        data_root = ensure_synthetic(out / "synthetic", progress=progress, reuse_existing=True)
+    runs = {name: smoke_run(name, smoke[name], data_root, notebook_dir) for name in names}
     result = run_sweep(list(runs.values()), out=out / "runs", engine=engine, jobs=jobs, address=address,
                        progress=progress)
     records = {record["run_id"]: record for record in result.records}
@@ -193,7 +196,7 @@ def regress(out: str | Path, engine: str = "local", jobs: int | None = None, add
         if record.get("status") != "done":
             rows.append({"run": name, "key": "", "expected": None, "got": None, "problem": record.get("error")})
             continue
-        expected_path = HARNESS / "expected" / f"{name}.json"
+        expected_path = Path(harness) / "expected" / f"{name}.json"
         if not expected_path.exists():
             rows.append({"run": name, "key": "", "expected": None, "got": None, "problem": "no expected file"})
             continue
