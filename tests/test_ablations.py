@@ -69,7 +69,8 @@ def test_deltas_are_variant_minus_default_of_the_same_method_class_and_metric():
     table = pd.DataFrame([
         ("crane", "default", None, "mean", "image_auroc", 0.50), ("crane", "default", None, "a", "image_auroc", 0.40),
         ("crane", "x=1", "x", "mean", "image_auroc", 0.55), ("crane", "x=1", "x", "a", "image_auroc", 0.30),
-        ("vip2clip", "default", None, "mean", "image_auroc", 0.90), ("vip2clip", "y=2", "y", "mean", "image_auroc", 0.80),
+        ("vip2clip", "default", None, "mean", "image_auroc", 0.90),
+        ("vip2clip", "y=2", "y", "mean", "image_auroc", 0.80),
     ], columns=["method", "variant", "field", "class_name", "metric", "value"])
     deltas = metric_deltas(table)
     got = {(r.method, r.variant, r.class_name): round(r.delta, 9) for r in deltas.itertuples()}

@@ -232,16 +232,18 @@ def reproduce(method: str, targets: Sequence[str], out: str | Path, data_root: s
     learned: dict[str, str] = {}
     if trainable and not checkpoint:
         aux_sets = sorted({aux or auxiliary_for(t) for t in targets})
-        learn_runs = [Run(LEARN_ENTRY, {"method": method, "aux": kind, "aux_root": data_root_for(kind, data_root, roots),
-                                        "aux_classes": aux_classes, "max_per_class": max_per_class, "epochs": epochs,
-                                        "max_steps": max_steps, "batch_size": batch_size, **model_args},
-                          slug_keys=("method", "aux")) for kind in aux_sets]
+        learn_runs = [Run(LEARN_ENTRY, {"method": method, "aux": kind,
+                                        "aux_root": data_root_for(kind, data_root, roots),
+                                        "aux_classes": aux_classes, "max_per_class": max_per_class,
+                                        "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size,
+                                        **model_args}, slug_keys=("method", "aux")) for kind in aux_sets]
         result = run_sweep(learn_runs, out=out / "learn", engine=engine, jobs=jobs, address=address,
                            progress=progress)
         if result.failed:
             raise SweepError(f"learning failed: {result.failed[0]['error']} (see {out / 'learn'})")
         learned = {run.parameters["aux"]: str(out / "learn" / run.run_id / "run") for run in learn_runs}
-    eval_runs = [Run(EVAL_ENTRY, {"method": method, "target": target, "target_root": data_root_for(target, data_root, roots),
+    eval_runs = [Run(EVAL_ENTRY, {"method": method, "target": target,
+                                  "target_root": data_root_for(target, data_root, roots),
                                   "classes": target_classes, "max_per_class": max_per_class,
                                   "checkpoint": checkpoint or learned.get(aux or auxiliary_for(target)), **model_args},
                      slug_keys=("method", "target")) for target in targets]
