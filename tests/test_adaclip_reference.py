@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from zsadlib.methods import MethodError, build_method
-from zsadlib.methods.adaclip import convert_reference_state_dict, learned_parameter_count
+from zsadlib.methods.adaclip import (AdaCLIPConfig, build_learned_modules, convert_reference_state_dict,
+                                     learned_parameter_count)
 
 from .reference import load_fixture, max_abs_diff, reference_backbone, reference_images
 
@@ -147,9 +148,17 @@ def test_training_gradients_losses_and_adamw_steps_equal_train_one_batch(backbon
     assert max(max_abs_diff(ours[key], value) for key, value in final.items()) < bound
 
 
-def test_parameter_count_at_vit_l_equals_the_reference(fixture):
+def test_parameter_count_and_shapes_at_vit_l_equal_the_reference(fixture):
+    """Their AdaCLIP built at ViT-L-14-336 (on the meta device) has our learned parameters, name for name (through
+    the checkpoint mapping) and shape for shape: widths 1024 (vision) and 768 (text, joint) cannot be swapped."""
     _, meta = fixture
     assert learned_parameter_count() == meta["settings"]["vit_l_14_336_learned_parameters"] == 10_665_472
+    theirs = {key: torch.empty(shape, device="meta") for key, shape in
+              meta["settings"]["vit_l_14_336_learned_shapes"].items()}
+    with torch.device("meta"):
+        ours = build_learned_modules(AdaCLIPConfig(), vision_width=1024, text_width=768, embed_dim=768)
+    ours = {f"{name}.{key}": list(p.shape) for name, module in ours.items() for key, p in module.named_parameters()}
+    assert {key: list(value.shape) for key, value in convert_reference_state_dict(theirs).items()} == ours
 
 
 @pytest.mark.parametrize("quirk", [{"prompt_fp16_round": False}, {"map_align_corners": False},

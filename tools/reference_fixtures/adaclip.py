@@ -38,8 +38,8 @@ with the dynamic prompt generators' weights x DYNAMIC_SCALE so that the image-de
 ``grad/<their key>``: the gradients of the first step (GRADIENT_KEYS), read right before ``optimizer.step``;
 ``final/<their key>``: their ``AdaCLIP_Trainer.save`` state after the steps (the checkpoint format);
 ``trained/*``: the same outputs as ``init/*`` after the steps.
-Settings also hold their learned keys and shapes and their learned-parameter count at ViT-L-14-336 (their AdaCLIP
-built on the meta device from model_configs/ViT-L-14-336.json).
+Settings also hold their learned keys and shapes here and their learned parameters' shapes and count at ViT-L-14-336
+(their AdaCLIP built on the meta device from model_configs/ViT-L-14-336.json).
 """
 from __future__ import annotations
 
@@ -248,8 +248,8 @@ class _Reference:
         model.save(str(path))
         return torch.load(path, map_location="cpu", weights_only=True)
 
-    def vit_l_count(self) -> int:
-        """Their learned-parameter count at ViT-L-14-336 (their CLIP from model_configs, on the meta device)."""
+    def vit_l_shapes(self) -> dict[str, list[int]]:
+        """Their learned parameters' shapes at ViT-L-14-336 (their CLIP from model_configs, on the meta device)."""
         config = json.loads((self.checkout / "model_configs" / "ViT-L-14-336.json").read_text())
         with torch.device("meta"):
             clip = self.custom_clip.CLIP(**config)
@@ -260,7 +260,7 @@ class _Reference:
                                          image_size=518)
         learnable = ("text_prompter", "visual_prompter", "patch_token_layer", "cls_token_layer",
                      "dynamic_visual_prompt_generator", "dynamic_text_prompt_generator")  # trainer.py's list
-        return sum(p.numel() for name, p in model.named_parameters() if any(n in name for n in learnable))
+        return {name: list(p.shape) for name, p in model.named_parameters() if any(n in name for n in learnable)}
 
 
 def main(ref_path: str) -> None:
@@ -280,6 +280,7 @@ def main(ref_path: str) -> None:
             arrays.update({f"final/{key}": value for key, value in reference.saved_state(model).items()})
             arrays.update({"loss": torch.tensor(losses), "train_masks": fixed_masks()[:, 0],
                            "train_labels": torch.tensor(LABELS)})
+            vit_l_shapes = reference.vit_l_shapes()
             settings = {"features_list": LAYERS, "prompting_depth": DEPTH, "prompting_length": LENGTH,
                         "prompting_type": "SD", "prompting_branch": "VL", "k_clusters": K_CLUSTERS, "lr": LR,
                         "betas": [0.5, 0.999], "optimizer": "AdamW (weight decay 0.01)", "steps": STEPS,
@@ -287,7 +288,8 @@ def main(ref_path: str) -> None:
                         "dynamic_scale": DYNAMIC_SCALE, "init_map_stride": INIT_MAP_STRIDE, "class_name": CLASS,
                         "labels": list(LABELS), "sigma": SIGMA,
                         "pos_embed_resize": "bicubic", "reference_learned_keys": keys,
-                        "vit_l_14_336_learned_parameters": reference.vit_l_count()}
+                        "vit_l_14_336_learned_shapes": vit_l_shapes,
+                        "vit_l_14_336_learned_parameters": sum(int(np.prod(shape)) for shape in vit_l_shapes.values())}
             write("adaclip_reference", arrays, checkout, REPOSITORY, COMMIT, settings)
         finally:
             reference.close()

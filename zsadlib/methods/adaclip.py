@@ -23,9 +23,9 @@ length 5, J prompting depth 4):
    text).
 4. Per layer logits_l = 100 * patches_l . t [B, N, 2]. Map: the logits upsampled bilinearly (align_corners=True),
    averaged over layers, softmax, (p_anom + 1 - p_norm) / 2; Gaussian blur sigma 4 (trainer.evaluation).
-5. Image score with hybrid semantic fusion (HSF): p = softmax(mean_l logits_l)[anomalous]; the top 5 * K patches
-   (K = 20 clusters) of every layer are concatenated over layers [k, L * D] and clustered by k-means; each cluster's
-   centre is the mean of its members' tokens over all layers, f = normalise(mean of the K centres);
+5. Image score with hybrid semantic fusion (HSF): p = softmax(mean_l logits_l)[anomalous]; the k = 5 * K patches
+   (K = 20 clusters) of highest p, their tokens of all layers side by side [k, L * D], are clustered by k-means; each
+   cluster's centre is the mean of its members' tokens over all layers, f = normalise(mean of the K centres);
    g' = normalise(0.2 f + 0.8 global); score = softmax(100 g' . t)[anomalous].
 6. Loss (trainer.train_one_batch): focal(score probabilities, label) + sum_l [focal(P_l, mask) + dice(P_l,anom,
    mask) + dice(P_l,norm, 1 - mask)], P_l the softmax of layer l's upsampled logits. AdamW (lr 0.01,
