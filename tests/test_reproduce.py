@@ -30,6 +30,10 @@ def test_auxiliary_rule_and_data_roots(tmp_path):
     assert data_root_for("btad", tmp_path, {"btad": "/x/BTech"}) == "/x/BTech"
     with pytest.raises(SweepError, match="--data-root"):
         data_root_for("visa", None)
+    from zsadlib.reproduce import learn_and_evaluate
+
+    with pytest.raises(SweepError, match="auxiliary set 'mvtec' is missing"):  # never learns on the target's folder
+        learn_and_evaluate(str(tmp_path / "o"), "anomalyclip", "btad", str(tmp_path / "btad"))
 
 
 def test_comparison_picks_the_methods_own_paper_and_computes_differences():

@@ -248,3 +248,15 @@ def test_regress_runs_every_smoke_run_and_tables_what_moved(tmp_path, notebook):
         ("tiny@moved", "per_class/b/image_auroc", "moved"), ("tiny@new", "", "no expected file")}
     table = format_problems(rows)
     assert "metrics/image_auroc" in table and "+0.1 (0.5 rel)" in table
+
+
+def test_the_readme_spec_parses_into_its_runs():
+    import yaml
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
+    spec = parse_spec(yaml.safe_load(block), base_dir=ROOT / "sweeps")  # as if saved as sweeps/<name>.yaml
+    assert Path(spec.runs[0].target) == ROOT / "notebooks" / "02_prompt_learning.ipynb"
+    assert [(r.parameters["method"], r.parameters["lr"]) for r in spec.runs] == [
+        ("anomalyclip", 0.001), ("anomalyclip", 0.0001), ("crane", 0.001), ("crane", 0.0001), ("vip2clip", 0.001)]
+    assert all(r.parameters["backbone"] == "tiny" for r in spec.runs) and spec.out == ROOT / "runs" / "prompt_lr"

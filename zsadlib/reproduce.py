@@ -124,9 +124,14 @@ def learn_and_evaluate(output_dir: str, method: str, target: str, target_root: s
     pretrained, image_size, device, overrides, max_per_class."""
     from .methods import get_method_class
 
+    from .sweep import SweepError
+
     checkpoint = None
     if get_method_class(method).trainable:
         aux = aux or auxiliary_for(target)
+        if aux_root is None and aux != target:
+            raise SweepError(f"aux_root: the folder of the auxiliary set {aux!r} is missing (the target's folder "
+                             f"holds {target!r})")
         learn(str(Path(output_dir) / "learn"), method, aux, aux_root or target_root, aux_classes,
               **common, **dict(learn_options or {}))
         checkpoint = str(Path(output_dir) / "learn" / "run")
