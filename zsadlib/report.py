@@ -47,19 +47,20 @@ def is_executed(notebook) -> bool:
 
 def execute_notebook(path: str | Path, executed_path: str | Path, parameters: dict | None = None,
                      kernel_name: str = "python3", progress: bool = True) -> Path:
-    """Run a notebook with papermill (in its own folder, so its relative paths work), keeping widget state.
+    """Run a notebook with papermill (the sweep runner: in the notebook's folder, so its relative paths work,
+    failing on a parameters cell papermill cannot read); nbclient keeps widget state (``store_widget_state``).
 
-    ``parameters`` the notebook does not declare are left out (papermill would only warn about them)."""
+    ``parameters`` the notebook does not declare are left out (e.g. ``preset`` for a notebook without one)."""
     import papermill
+
+    from .sweep.execute import execute_notebook as run_notebook
 
     path, executed_path = Path(path), Path(executed_path)
     declared = papermill.inspect_notebook(str(path))
     executed_path.parent.mkdir(parents=True, exist_ok=True)
     with _inline_figures():
-        papermill.execute_notebook(str(path), str(executed_path),
-                                   parameters={k: v for k, v in (parameters or {}).items() if k in declared},
-                                   kernel_name=kernel_name, cwd=str(path.resolve().parent), progress_bar=progress,
-                                   store_widget_state=True)
+        run_notebook(path, executed_path, {k: v for k, v in (parameters or {}).items() if k in declared},
+                     cwd=path.resolve().parent, kernel_name=kernel_name, progress=progress)
     return executed_path
 
 

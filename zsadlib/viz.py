@@ -221,7 +221,7 @@ def plot_class_metrics(table, metrics: Sequence[str] = ("image_auroc", "pixel_au
     ax.set_ylim(0, 100)
     ax.set_xlabel("")
     ax.set_ylabel("%")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=10, wrap=True)  # a long title wraps instead of running off the figure
     ax.tick_params(axis="x", rotation=30)
     return fig
 
