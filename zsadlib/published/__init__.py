@@ -2,9 +2,9 @@
 
 One CSV per source paper in this folder (``*.csv``, installed as package data), one row per number:
 
-* ``method``: a zsadlib method name (``winclip``, ``april_gan``, ``anomalyclip``, ``crane``,
-  ``crane_plus``, ``vip2clip``, ``genclip``) or a documented baseline not (yet) in the registry
-  (:data:`BASELINES`: ``adaclip``);
+* ``method``: a zsadlib method name (``winclip``, ``april_gan``, ``anomalyclip``, ``adaclip``, ``crane``,
+  ``crane_plus``, ``vip2clip``, ``genclip``) or a documented baseline not in the registry (:data:`BASELINES`,
+  empty today);
 * ``dataset``: a :data:`zsadlib.data.DATASET_KINDS` name (``mvtec``, ``visa``, ``ksdd``, ``isic``, ...);
 * ``metric``: a key of :func:`zsadlib.metrics.compute` (``image_auroc``, ``image_ap``, ``image_f1_max``,
   ``pixel_auroc``, ``pixel_ap``, ``pixel_f1_max``, ``aupro_linear200``, ``aupro_mvtec``). The seed papers'
@@ -34,8 +34,8 @@ __all__ = ["BASELINES", "COLUMNS", "csv_files", "load_published"]
 #: The columns of every CSV and of :func:`load_published`'s result, in this order.
 COLUMNS: tuple[str, ...] = ("method", "dataset", "metric", "value", "source")
 
-#: Methods in the tables that zsadlib does not implement (yet): name -> paper.
-BASELINES: dict[str, str] = {"adaclip": "AdaCLIP (ECCV 2024, arXiv 2407.15795)"}
+#: Methods in the tables that zsadlib does not implement: name -> paper (AdaCLIP was one until it joined the registry).
+BASELINES: dict[str, str] = {}
 
 
 def csv_files() -> list:
