@@ -35,12 +35,13 @@ notebooks-clean: venv
 		$(BIN)/nbstripout --verify --extra-keys "$(NBSTRIPOUT_KEYS)" "$$nb" > /dev/null || { \
 		$(BIN)/nbstripout --extra-keys "$(NBSTRIPOUT_KEYS)" "$$nb" && echo "stripped outputs from $$nb"; }; done
 
-# HTML reports (figures inline, widget state saved) of the notebooks, executed with PRESET into REPORT_DIR;
-# `make report PRESET=paper` for the papers' settings. Already executed notebooks: zsad report FILES --out DIR
+# HTML reports (figures inline, widget state saved) of notebooks 01-03 (those with a preset), executed with PRESET
+# into REPORT_DIR; `make report PRESET=paper` for the papers' settings. Already executed notebooks (e.g. a sweep's
+# runs of 04): zsad report FILES_OR_DIRS --out DIR
 PRESET     ?= quick
 REPORT_DIR ?= outputs/reports
 report: venv
-	$(BIN)/zsad report notebooks --execute --preset $(PRESET) --out $(REPORT_DIR)
+	$(BIN)/zsad report $(wildcard notebooks/0[1-3]_*.ipynb) --execute --preset $(PRESET) --out $(REPORT_DIR)
 
 test: venv notebooks-clean
 	$(TEST_ENV) $(BIN)/python -m pytest -q -rs

@@ -51,6 +51,10 @@ def test_unrun_notebooks_and_bad_paths_are_one_line_errors(tmp_path, capsys):
         find_notebooks([tmp_path / "missing.ipynb"])
     assert main(["report", str(tmp_path / "a_done.ipynb"), "--preset", "quick", "--out", str(tmp_path / "o")]) == 2
     assert "add --execute" in capsys.readouterr().err
+    # a preset only for notebooks that declare one (others would run at their full defaults): nothing runs
+    with pytest.raises(ValueError, match="b_never_run.ipynb: has no 'preset' parameter"):
+        build_reports([tmp_path / "b_never_run.ipynb"], tmp_path / "out", execute=True, preset="quick")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.notebook

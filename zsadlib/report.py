@@ -51,12 +51,10 @@ def execute_notebook(path: str | Path, executed_path: str | Path, parameters: di
     failing on a parameters cell papermill cannot read); nbclient keeps widget state (``store_widget_state``).
 
     ``parameters`` the notebook does not declare are left out (e.g. ``preset`` for a notebook without one)."""
-    import papermill
-
     from .sweep.execute import execute_notebook as run_notebook
 
     path, executed_path = Path(path), Path(executed_path)
-    declared = papermill.inspect_notebook(str(path))
+    declared = _declared(path)
     executed_path.parent.mkdir(parents=True, exist_ok=True)
     with _inline_figures():
         run_notebook(path, executed_path, {k: v for k, v in (parameters or {}).items() if k in declared},
@@ -100,9 +98,12 @@ def build_reports(paths: Sequence[str | Path], out: str | Path, execute: bool = 
     must already hold outputs."""
     out = Path(out)
     notebooks = find_notebooks(paths)
-    if not execute:
-        for path in notebooks:  # check them all before writing anything
+    for path in notebooks:  # check them all before running or writing anything
+        if not execute:
             _executed(path)
+        elif preset is not None and "preset" not in _declared(path):
+            raise ValueError(f"{path}: has no 'preset' parameter; run it with its own parameters and pass the "
+                             "executed notebook")
     pages = []
     for path in notebooks:
         source = path
@@ -123,3 +124,10 @@ def _executed(path: Path):
     if not is_executed(notebook):
         raise ValueError(f"{path}: has no outputs (never run); run it first or pass --execute")
     return notebook
+
+
+def _declared(path: Path) -> dict:
+    """The parameters a notebook's ``parameters`` cell declares (papermill's reading of it)."""
+    import papermill
+
+    return papermill.inspect_notebook(str(path))
