@@ -1,7 +1,10 @@
 """The dual-branch explorer: widgets drive a pure render of precomputed maps, headless."""
+import io
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from zsadlib.viz import (ALL_LAYERS, Explorer, ExplorerItem, ExplorerState, explorer_map, explorer_scale,
                          heatmap_overlay, render_explorer)
@@ -96,6 +99,12 @@ def test_widgets_drive_the_state_headless():
     assert explorer.state.layer is None and explorer.widgets["layer"].label == "all layers"
     np.testing.assert_array_equal(explorer.view.amap, items[4].layer_maps["enhanced"].sum(0).numpy())
     assert explorer.widgets["fusion_weight"].continuous_update is False
+    # the view is the PNG of the rendered figure in an Image widget (plain widget state: reports show it)
+    png = bytes(explorer.image.value)
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and explorer.image.format == "png"
+    width, height = Image.open(io.BytesIO(png)).size
+    assert (width, height) == tuple(round(v * explorer.dpi) for v in explorer.view.figure.get_size_inches())
+    assert explorer.box.children[-1] is explorer.image
     assert explorer.widgets["image_index"].continuous_update is False
 
 

@@ -5,7 +5,7 @@ Each notebook is rendered by nbconvert's :class:`~nbconvert.HTMLExporter` (Jupyt
 Widgets: a notebook executed here (papermill, i.e. nbclient with ``store_widget_state=True``) keeps every widget's
 state in ``metadata.widgets["application/vnd.jupyter.widget-state+json"]``; the exporter writes that state into
 the page, and the page loads the widgets' HTML manager (from a CDN, as nbconvert does) to draw them. The explorer's
-map is a picture inside its Output widget, so it is in that state too. A notebook saved from JupyterLab keeps
+map is a PNG in its Image widget, so it is in that state too. A notebook saved from JupyterLab keeps
 widget state only with "Save Widget State Automatically" (Settings menu).
 
     zsad report outputs/run1/02_prompt_learning.ipynb --out reports            # already executed notebooks

@@ -7,6 +7,7 @@ float arrays in [0, 1] or uint8 [H, W, 3].
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -332,8 +333,8 @@ def render_explorer(items: Sequence[ExplorerItem], state: ExplorerState, layers:
     title = f"{item.class_name} · {Path(item.path).name} · {branch} · {layer_name} · score {score:.3f}"
     auto_low, auto_high = explorer_scale(item, state, combine) if vmin is None or vmax is None else (vmin, vmax)
     low, high = auto_low if vmin is None else vmin, auto_high if vmax is None else vmax
-    # a bare Figure (not pyplot): the explorer displays it in its Output widget, and the inline backend must not
-    # show it a second time at the end of the cell
+    # a bare Figure (not pyplot): the explorer shows it as a PNG in its Image widget, and the inline backend must
+    # not show it a second time at the end of the cell
     fig = Figure(figsize=(10, 3.4), layout="constrained")
     axes = fig.subplots(1, 3)
     axes[0].imshow(to_uint8_image(item.image))
@@ -363,7 +364,7 @@ class Explorer:
     "all layers" entry has the value :data:`ALL_LAYERS`; the weight slider is disabled on single-branch views.
     """
 
-    def __init__(self, items: Sequence[ExplorerItem], layers: Sequence[int], combine: str = "sum"):
+    def __init__(self, items: Sequence[ExplorerItem], layers: Sequence[int], combine: str = "sum", dpi: int = 90):
         import ipywidgets as widgets
 
         if not items:
@@ -371,6 +372,7 @@ class Explorer:
         self.items = list(items)
         self.layers = list(layers)
         self.combine = combine
+        self.dpi = dpi
         classes = sorted({item.class_name for item in self.items})
         branches = ["fused", *self.items[0].layer_maps]
         self.state = ExplorerState(class_name=classes[0])
@@ -386,13 +388,16 @@ class Explorer:
             "fusion_weight": widgets.FloatSlider(min=0.0, max=1.0, step=0.05, value=0.5, description="weight",
                                                  continuous_update=False),
         }
-        self.output = widgets.Output()
+        # the view is a PNG in an Image widget, not a figure in an Output widget: no clear_output / capture
+        # messages (a headless run through papermill hung, now and then, on the Output widget's), and the
+        # picture is plain widget state, so a saved notebook or an HTML report shows it whatever the backend
+        self.image = widgets.Image(format="png")
         self.renders = 0
         self.view: ExplorerView | None = None
         for name, widget in self.widgets.items():
             widget.observe(self._on_change(name), names="value")
         self.box = widgets.VBox([widgets.HBox(list(self.widgets.values())[:3]),
-                                 widgets.HBox(list(self.widgets.values())[3:]), self.output])
+                                 widgets.HBox(list(self.widgets.values())[3:]), self.image])
         self.render()
 
     def _count(self, class_name: str) -> int:
@@ -414,11 +419,9 @@ class Explorer:
     def render(self) -> ExplorerView:
         self.view = render_explorer(self.items, self.state, self.layers, combine=self.combine)
         self.renders += 1
-        self.output.clear_output(wait=True)
-        with self.output:
-            from IPython.display import display
-
-            display(self.view.figure)
+        buffer = io.BytesIO()
+        self.view.figure.savefig(buffer, format="png", dpi=self.dpi)
+        self.image.value = buffer.getvalue()
         return self.view
 
     def _ipython_display_(self):  # pragma: no cover - notebook display
