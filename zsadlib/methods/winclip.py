@@ -58,7 +58,7 @@ __all__ = [
 
 @dataclass
 class WinCLIPConfig(MethodConfig):
-    """WinCLIP zero-shot settings; defaults follow the paper and anomalib's implementation."""
+    """WinCLIP and WinCLIP+ settings; defaults follow the paper and anomalib's implementation."""
 
     backbone: str = "ViT-B-16-plus-240"  # paper Sec. 5 / anomalib BACKBONE
     pretrained: str | None = "laion400m_e31"  # anomalib PRETRAINED (caoyunkang/WinClip uses laion400m_e32)
