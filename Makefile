@@ -5,7 +5,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.zsadlib-installed
 # tests never touch the network; the demo may download the paper's weights when the hub is reachable
-TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONHASHSEED=0
+# a notebook cell that runs past ZSAD_CELL_TIMEOUT seconds fails its test (a hung kernel must not stall the suite)
+TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONHASHSEED=0 ZSAD_CELL_TIMEOUT=900
 
 .PHONY: venv test test-fast demo bench data notebooks-clean clean lab mutants regress git-filter report
 

@@ -191,6 +191,22 @@ def test_papermill_parameter_warnings_fail_the_run(tmp_path):
     assert result.count("failed") == 1 and "Unable to parse line" in result.records[0]["error"]
 
 
+def test_a_hung_cell_fails_after_the_cell_timeout(tmp_path, monkeypatch):
+    import time
+
+    hung = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("x = 1")
+    cell.metadata["tags"] = ["parameters"]
+    hung.cells = [cell, nbformat.v4.new_code_cell("import time\ntime.sleep(600)")]
+    hung.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(hung, tmp_path / "hung.ipynb")
+    monkeypatch.setenv("ZSAD_CELL_TIMEOUT", "3")  # as `make test` sets it (with a longer limit)
+    started = time.time()
+    with pytest.raises(Exception, match="(?i)timed? ?out"):
+        execute_notebook(tmp_path / "hung.ipynb", tmp_path / "out.ipynb", {"x": 2})
+    assert time.time() - started < 120
+
+
 def test_cli_sweep_and_collect(tmp_path, notebook, capsys):
     from zsadlib.cli import main
 

@@ -52,12 +52,21 @@ class _FailOnPapermillWarnings(logging.Handler):
                                          f"parameter passed)")
 
 
+CELL_TIMEOUT_ENV = "ZSAD_CELL_TIMEOUT"  # seconds one cell may run (``make test`` sets it); unset: no limit
+
+
 def execute_notebook(notebook: str | Path, output_notebook: str | Path, parameters: dict[str, Any],
-                     cwd: str | Path | None = None, kernel_name: str = "python3", progress: bool = False):
+                     cwd: str | Path | None = None, kernel_name: str = "python3", progress: bool = False,
+                     cell_timeout: float | None = None):
     """papermill ``execute_notebook`` that raises :class:`NotebookParameterError`, before any cell runs, when
     papermill warns "Unable to parse line" (a parameters cell it cannot read, e.g. an ``=`` in a comment) or
-    "Passed unknown parameter". ``cwd`` defaults to the notebook's folder. Returns the executed notebook."""
+    "Passed unknown parameter". ``cwd`` defaults to the notebook's folder. ``cell_timeout``: seconds a cell may run
+    before the run fails (default: the ``ZSAD_CELL_TIMEOUT`` environment variable, else no limit), so that a hung
+    kernel fails a test or a sweep run instead of stalling it. Returns the executed notebook."""
     import papermill
+
+    if cell_timeout is None and os.environ.get(CELL_TIMEOUT_ENV):
+        cell_timeout = float(os.environ[CELL_TIMEOUT_ENV])
 
     notebook = Path(notebook)
     handler = _FailOnPapermillWarnings(notebook.name)
@@ -66,7 +75,7 @@ def execute_notebook(notebook: str | Path, output_notebook: str | Path, paramete
     try:
         return papermill.execute_notebook(str(notebook), str(output_notebook), parameters=parameters,
                                           kernel_name=kernel_name, cwd=str(cwd or notebook.parent),
-                                          progress_bar=progress)
+                                          progress_bar=progress, execution_timeout=cell_timeout)
     finally:
         logger.removeHandler(handler)
 
