@@ -17,7 +17,7 @@ import torch
 from .data import ensure_synthetic, open_dataset
 from .evaluate import evaluate, format_table
 from .methods import build_method, build_method_or_tiny
-from .viz import plot_class_metrics, plot_maps
+from .viz import figure_label, plot_class_metrics, plot_maps
 
 __all__ = ["run_demo", "DEMO_METHOD", "TINY_IMAGE_SIZE"]
 
@@ -40,7 +40,7 @@ def run_demo(out_dir: str | Path = "outputs/demo", data_root: str | Path = "data
     root = ensure_synthetic(data_root, progress=progress)
     method = load_demo_method(force_tiny=force_tiny, device=device)
     tiny = bool(method.backbone.info.get("random_weights"))
-    label = " [TINY RANDOM WEIGHTS: meaningless]" if tiny else ""
+    label = figure_label(method.backbone.info)  # " [random weights: meaningless]" with the tiny fallback
     dataset = open_dataset("synthetic", root, image_size=method.backbone.image_size)
     subset = dataset.subset(max_per_class=max_per_class, seed=0)
     print(f"demo: {method.name} ({method.backbone.info['name']}, {method.backbone.info['pretrained']}) on "
