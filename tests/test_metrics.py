@@ -509,3 +509,179 @@ def test_torch_code_path_agrees(monkeypatch):
     monkeypatch.setattr(M, "_TORCH_ONLY", True)
     b = full_compute(labels, scores, masks, maps, chunk_pixels=1500)
     assert a == pytest.approx(b, abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# input forms, user errors and the reasons named in warnings (gaps found by `make mutants`)
+# ---------------------------------------------------------------------------------------------
+
+
+def small_set():
+    """labels [4], scores [4], masks [4,6,6] (two defective images), maps [4,6,6] float32."""
+    masks = np.zeros((4, 6, 6), bool)
+    masks[2, 1:4, 2:5] = True
+    masks[3, :2, :2] = masks[3, 4:, 3:] = True  # two regions
+    maps = smooth_maps(np.random.default_rng(11), masks)
+    return masks.any((1, 2)).astype(int), maps.max((1, 2)), masks, maps
+
+
+def _with_inf(maps):
+    maps = maps.copy()
+    maps[0, 0, 0] = np.inf
+    return maps
+
+
+_LABELS, _SCORES, _MASKS, _MAPS = small_set()
+_EMPTY = np.zeros((0, 6, 6), np.float32)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: M.aupro(_MASKS, _MAPS, max_fpr=0.0), r"^max_fpr must be in \(0, 1\]$"),
+    (lambda: M.aupro(_MASKS, _MAPS, max_fpr=1.5), r"^max_fpr must be in \(0, 1\]$"),
+    (lambda: M.aupro(_MASKS, _MAPS, "pro"), r"^unknown AUPRO variant 'pro'"),
+    (lambda: M.pixel_metrics(_MASKS, _with_inf(_MAPS)), r"^scores/maps contain NaN or inf$"),
+    (lambda: M.pixel_metrics(_MASKS[:, :, :5], _MAPS),
+     r"^masks and maps must both be \[N,H,W\]; got \(4, 6, 5\) and \(4, 6, 6\)$"),
+    (lambda: M.pixel_metrics(_EMPTY, _EMPTY), r"^no images$"),
+    (lambda: M.auroc([0, 1, 1], [0.1, 0.2]), r"^labels \(3\) and scores \(2\) differ in length$"),
+    (lambda: M.auroc([0, 2], [0.1, 0.2]), r"^labels must be 0/1$"),
+    (lambda: M.auroc([0, 1], [0.1, np.inf]), r"^scores contain NaN or inf$"),
+    (lambda: M.compute(_LABELS, _SCORES, None, None, aupro_variants=("pro",)), r"^unknown AUPRO variants \['pro'\]"),
+    (lambda: M.compute_table(_LABELS, _SCORES, None, None, "abab", levels=("image", "x")),
+     r"^unknown metric levels \['x'\]"),
+    (lambda: M.compute([], [], _EMPTY, _EMPTY), r"^no images$"),
+    (lambda: M._auc(np.array([0.0, 0.5, 0.2]), np.ones(3)), r"^x is neither increasing nor decreasing$"),
+])
+def test_user_errors_name_the_fault(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+@pytest.mark.parametrize("short", ["labels", "scores", "masks", "maps"])
+def test_compute_refuses_inputs_of_different_lengths(short):
+    # a shorter input would otherwise silently drop images (or fail later with a message naming another input)
+    args = dict(labels=_LABELS, scores=_SCORES, masks=_MASKS, maps=_MAPS)
+    args[short] = args[short][:3]
+    with pytest.raises(ValueError, match=r"^length mismatch: \w+ has \d items but \w+ has \d$") as err:
+        M.compute(**args)
+    assert f"{short} has 3" in str(err.value)
+
+
+@pytest.mark.parametrize("long", ["class_names", "labels", "scores", "masks", "maps"])
+def test_compute_table_refuses_inputs_of_different_lengths(long):
+    args = dict(labels=_LABELS, scores=_SCORES, masks=_MASKS, maps=_MAPS, class_names=["a", "b"] * 2)
+    args[long] = np.concatenate([np.asarray(args[long]), np.asarray(args[long])[:1]])
+    with pytest.raises(ValueError, match=r"^length mismatch: "):
+        M.compute_table(**args)
+
+
+def test_undefined_warnings_name_the_metrics_and_the_reason():
+    labels, scores, masks, maps = _LABELS, _SCORES, _MASKS, _MAPS
+    pixel = r"pixel_auroc, pixel_ap, pixel_f1_max"
+    cases = [
+        (lambda: M.pixel_metrics(np.zeros_like(masks), maps), rf"{pixel} \(no anomalous pixel\)$"),
+        (lambda: M.pixel_metrics(np.ones_like(masks), maps), rf"{pixel} \(no normal pixel\)$"),
+        (lambda: M.aupro(masks, np.full_like(maps, 0.5), "linear200"), r"aupro_linear200 \(constant maps \(min == max\)\)$"),
+        (lambda: M.aupro(masks, masks.astype(np.float32), "linear200"), r"aupro_linear200 \(all linear200 thresholds "),
+        (lambda: M.compute(None, scores, masks, maps), r"image_auroc, image_ap, image_f1_max \(no image labels or scores"),
+        (lambda: M.compute(labels, scores, None, maps), rf"{pixel}, aupro_mvtec, aupro_linear200 \(no masks\)$"),
+        (lambda: M.compute(labels, scores, masks, None), rf"{pixel}, aupro_mvtec, aupro_linear200 \(no maps\)$"),
+    ]
+    for call, match in cases:
+        with pytest.warns(UndefinedMetricWarning, match=match) as rec:
+            call()
+        assert len(rec) == 1
+    full = full_compute(labels, scores, masks, maps)
+    with pytest.warns(UndefinedMetricWarning):
+        no_labels = M.compute(None, scores, masks, maps)
+    assert {k: no_labels[k] for k in M.PIXEL_KEYS} == {k: full[k] for k in M.PIXEL_KEYS}
+    with pytest.warns(UndefinedMetricWarning):
+        no_masks = M.compute(labels, scores, None, maps)
+    assert {k: no_masks[k] for k in M.IMAGE_KEYS} == {k: full[k] for k in M.IMAGE_KEYS}
+
+
+def test_half_precision_and_read_only_inputs():
+    # half types are upcast (the same values in float32 give the same metrics); read-only arrays are
+    # used without a copy and without torch's "not writable" warning (full_compute turns warnings into errors)
+    labels, scores, masks, maps = _LABELS, _SCORES, _MASKS, _MAPS
+    maps16 = maps.astype(np.float16)
+    want = full_compute(labels, scores, masks, maps16.astype(np.float32))
+    assert full_compute(labels, scores, masks, maps16) == want
+    assert full_compute(labels, scores, masks, torch.from_numpy(maps16)) == want
+    bf16 = torch.from_numpy(maps).to(torch.bfloat16)
+    assert full_compute(labels, scores, masks, bf16) == full_compute(labels, scores, masks, bf16.float())
+    frozen = [np.array(x) for x in (labels, scores, masks, maps)]
+    for x in frozen:
+        x.flags.writeable = False
+    assert full_compute(*frozen) == full_compute(labels, scores, masks, maps)
+
+
+def test_column_and_channel_shaped_inputs():
+    labels, scores, masks, maps = _LABELS, _SCORES, _MASKS, _MAPS
+    want = M.binary_metrics(labels, scores)
+    assert M.binary_metrics(labels, scores[:, None]) == want  # scores [N,1]
+    assert M.binary_metrics(labels[:, None], scores) == want  # labels [N,1]
+    want = M.pixel_metrics(masks, maps)
+    assert M.pixel_metrics(masks[:, None], maps) == want  # masks [N,1,H,W]
+    assert M.pixel_metrics(masks[:, None], maps[:, None]) == want
+
+
+def test_float64_scores_are_not_rounded_to_float32():
+    scores = np.array([1.0, 1.0 + 1e-12, 0.5])  # equal in float32
+    labels = np.array([0, 1, 0])
+    assert M.auroc(labels, scores) == roc_auc_score(labels, scores) == 1.0
+    assert M.auroc(labels, scores.astype(np.float32)) == 0.75  # a tie: half a pair
+
+
+def test_non_square_images_in_chunks():
+    for h, w in ((20, 12), (12, 20)):
+        masks, maps = make_set(12, n=6, h=h, w=w, levels=20)
+        for chunk in (1, 500, None):
+            out = M.pixel_metrics(masks, maps, chunk_pixels=chunk)
+            assert out["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)
+            assert out["pixel_ap"] == pytest.approx(average_precision_score(masks.ravel(), maps.ravel()), abs=1e-12)
+
+
+def test_aupro_default_is_mvtec_at_fpr_0_3():
+    masks, maps = make_set(13, levels=10)
+    assert M.aupro(masks, maps) == pytest.approx(plain_aupro_mvtec(masks, maps, 0.3), abs=TOL)
+
+
+def test_sorted_flat_without_a_buffer():
+    x = np.random.default_rng(0).random((3, 5)).astype(np.float32)
+    before = x.copy()
+    out = M._sorted_flat(torch.from_numpy(x))
+    assert out.dtype == torch.float32 and np.array_equal(out.numpy(), np.sort(x, axis=None))
+    assert np.array_equal(x, before)
+
+
+def test_aupro_linear200_with_exactly_two_kept_thresholds():
+    # grid 0, 0.005, ..., 0.995: only the two top thresholds have FPR < 0.3 (0.2 and 0.1), so the area
+    # is one trapezoid over the normalised FPR range [0, 1]
+    maps = np.zeros((1, 10, 10), np.float32)
+    masks = np.zeros((1, 10, 10), bool)
+    masks[0, 0, :4] = True
+    flat = maps.reshape(-1)
+    flat[:4] = [1.0, 1.0, 0.9925, 0.5]  # anomalous pixels: covered 2/4, 3/4 at the two top thresholds
+    flat[4:14] = 0.999  # 10 normal pixels above both
+    flat[14:24] = 0.9925  # 10 above the second highest only
+    flat[24:50] = 0.987  # 26 above the third highest only: FPR 46 / 96 there
+    assert M.aupro(masks, maps, "linear200") == pytest.approx(plain_aupro_linear200(masks, maps), abs=1e-12)
+    assert M.aupro(masks, maps, "linear200") == pytest.approx((0.5 + 0.75) / 2, abs=1e-12)
+
+
+def test_compute_table_levels_and_single_image_classes():
+    labels, scores, masks, maps = _LABELS, _SCORES, _MASKS, _MAPS
+    names = ["a", "b", "b", "c"]  # classes of one image each around a class of two
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a level left out gives NaN without a warning
+        image = M.compute_table(labels, scores, None, None, names[:1] + ["a"] * 3, levels=("image",))
+        pixel = M.compute_table(None, None, masks, maps, ["x"] * 4, levels=("pixel",))
+    full = full_compute(labels, scores, masks, maps)
+    for key in M.METRIC_KEYS:
+        assert (image.loc["a", key] == full[key]) if key in M.IMAGE_KEYS else math.isnan(image.loc["a", key])
+        assert math.isnan(pixel.loc["x", key]) if key in M.IMAGE_KEYS else (pixel.loc["x", key] == full[key])
+    with pytest.warns(UndefinedMetricWarning, match=r"a: pixel_auroc"):  # image 0 has no anomalous pixel
+        df = M.compute_table(labels, scores, masks, maps, names, levels=("pixel",))
+    assert df.loc["b", "aupro_mvtec"] == full_compute(labels[1:3], scores[1:3], masks[1:3], maps[1:3])["aupro_mvtec"]
+    assert df.loc["c", "pixel_auroc"] == M.pixel_metrics(masks[3:], maps[3:])["pixel_auroc"]
