@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from zsadlib.losses import dice_loss, focal_loss, image_cross_entropy
+from zsadlib.losses import dice_loss, focal_loss, image_cross_entropy, layer_pixel_losses
 
 
 # ---- plain references ---------------------------------------------------------------------------------------
@@ -65,12 +65,16 @@ def test_focal_matches_plain_loop(classes, gamma):
     assert float(focal_loss(probs, target, gamma=gamma)) == pytest.approx(expected, rel=1e-10)
 
 
-@pytest.mark.parametrize("alpha", [0.25, [1.0, 3.0], [2.0, 1.0, 1.0]])
+# 0.3, [1, 2], [1, 2, 4] give weights float32 cannot hold (0.7, 1/3, 1/7): the loss is computed in the
+# probabilities' dtype, so float64 matches the float64 loop to 1e-12, and bfloat16 (autocast) stays bfloat16
+@pytest.mark.parametrize("alpha", [0.25, [1.0, 3.0], [2.0, 1.0, 1.0], 0.3, [1.0, 2.0], [1.0, 2.0, 4.0]])
 def test_focal_alpha_conventions_match_plain_loop(alpha):
     classes = len(alpha) if isinstance(alpha, list) else 2
     probs, target = random_probs(classes=classes, seed=7)
     expected = plain_focal(probs.numpy(), target.numpy(), alpha=alpha)
-    assert float(focal_loss(probs, target, alpha=alpha)) == pytest.approx(expected, rel=1e-10)
+    assert float(focal_loss(probs, target, alpha=alpha)) == pytest.approx(expected, rel=1e-12)
+    for weights in (None, alpha):
+        assert focal_loss(probs.bfloat16(), target, alpha=weights).dtype == torch.bfloat16
 
 
 def test_focal_without_smoothing_is_textbook_focal():
@@ -190,3 +194,52 @@ def test_focal_on_rows_equals_focal_on_one_pixel_maps_and_checks_its_inputs():
         focal_loss(rows, row_target, alpha=0.25, balance_index=classes)
     with pytest.raises(TypeError, match="^alpha must be None, a float, or a sequence of per-class weights$"):
         focal_loss(rows, row_target, alpha=True)
+
+
+# ---- survivors of the full mutmut run (issue 15) ------------------------------------------------------------
+def test_focal_of_an_all_normal_batch_matches_plain_loop():
+    # a batch of normal images only: no pixel of the highest class, the one-hot still has every class
+    for classes in (2, 3):
+        probs, _ = random_probs(classes=classes, seed=9)
+        target = torch.zeros(probs.shape[0], *probs.shape[2:], dtype=torch.long)
+        expected = plain_focal(probs.numpy(), target.numpy())
+        assert float(focal_loss(probs, target)) == pytest.approx(expected, rel=1e-10)
+
+
+def test_focal_on_flattened_maps_equals_focal_on_maps():
+    probs, target = random_probs(seed=10)  # [B, C, H, W]
+    flat = probs.reshape(*probs.shape[:2], -1)  # [B, C, H*W], what the reference's view(N, C, -1) makes
+    assert float(focal_loss(flat, target.reshape(target.shape[0], -1))) == pytest.approx(
+        float(focal_loss(probs, target)), rel=1e-12)
+
+
+def test_focal_and_image_cross_entropy_errors_name_the_problem():
+    with pytest.raises(ValueError, match="^label smoothing needs at least 2 classes$"):
+        focal_loss(torch.ones(2, 1, 3, 3), torch.zeros(2, 3, 3, dtype=torch.long))
+    logits = torch.zeros(3, 2)
+    with pytest.raises(ValueError, match=r"^logits must be \[B, C\], got \(2,\)$"):
+        image_cross_entropy(logits[0], torch.zeros(3))
+    with pytest.raises(ValueError, match=r"^labels \(2,\) do not match logits \(3, 2\)$"):
+        image_cross_entropy(logits, torch.zeros(2))
+
+
+def plain_layer_losses(layers, mask, gamma=2.0, smooth=1e-5, dice_on_normal=True):
+    """Sum over layers of the plain focal loss and of dice(p_anomalous, mask) [+ dice(p_normal, 1 - mask)]."""
+    mask = np.asarray(mask, dtype=np.float64)
+    focal = sum(plain_focal(p, mask, gamma=gamma, smooth=smooth) for p in layers)
+    dice = sum(plain_dice(p[:, 1], mask) + (plain_dice(p[:, 0], 1 - mask) if dice_on_normal else 0.0)
+               for p in layers)
+    return focal, dice
+
+
+def test_layer_pixel_losses_sum_focal_and_dice_over_layers():
+    layers = [random_probs(seed=seed)[0] for seed in (11, 12, 13)]  # L = 3 maps [B, 2, H, W]
+    mask = random_probs(seed=14)[1].bool()  # [B, H, W], both classes present
+    assert mask.any() and not mask.all()
+    arrays = [p.numpy() for p in layers]
+    for kwargs in ({}, {"gamma": 1.5, "smooth": 1e-3, "dice_on_normal": False}):
+        focal, dice = layer_pixel_losses(layers, mask, **kwargs)
+        expected_focal, expected_dice = plain_layer_losses(arrays, mask.numpy(), **kwargs)
+        assert focal.shape == dice.shape == ()
+        assert float(focal) == pytest.approx(expected_focal, rel=1e-10)
+        assert float(dice) == pytest.approx(expected_dice, rel=1e-10)

@@ -288,3 +288,68 @@ def test_gaussian_blur_single_map_half_precision_truncate_and_bad_input():
                           (lambda: ops.gaussian_kernel1d(0.0), r"^sigma must be > 0, got 0.0$")):
         with pytest.raises(ValueError, match=message):
             call()
+
+
+# ---- survivors of the full mutmut run (issue 15) ------------------------------------------------------------
+def plain_nearest(image, out_h, out_w):
+    """PyTorch's legacy ``mode="nearest"``: output pixel i takes input pixel floor(i * in / out)."""
+    in_h, in_w = image.shape
+    rows = [min(math.floor(i * in_h / out_h), in_h - 1) for i in range(out_h)]
+    cols = [min(math.floor(j * in_w / out_w), in_w - 1) for j in range(out_w)]
+    return image[np.ix_(rows, cols)]
+
+
+@pytest.mark.parametrize("in_size,out_size", [((3, 5), (7, 11)), ((8, 8), (5, 3))])
+def test_nearest_upsampling_and_pixel_probabilities_match_plain_nearest(in_size, out_size):
+    maps = rng(13).random(size=(2, *in_size))
+    got = ops.upsample_maps(torch.from_numpy(maps), out_size, mode="nearest").numpy()
+    np.testing.assert_array_equal(got, np.stack([plain_nearest(m, *out_size) for m in maps]))
+    probs = torch.softmax(torch.from_numpy(rng(14).normal(size=(2, in_size[0] * in_size[1], 2))), dim=-1)
+    pixel = ops.pixel_probabilities(probs, in_size, out_size, mode="nearest")
+    grid = probs.transpose(1, 2).reshape(2, 2, *in_size).numpy()
+    expected = np.stack([[plain_nearest(c, *out_size) for c in image] for image in grid])
+    np.testing.assert_array_equal(pixel.numpy(), expected)
+
+
+def test_upsample_maps_keeps_a_single_layer_axis_the_dtype_and_upsamples_integer_maps_as_float():
+    one_layer = rng(15).random(size=(2, 1, 3, 4))  # [B, L=1, h, w] stays 4-D
+    got = ops.upsample_maps(torch.from_numpy(one_layer), (6, 8))
+    assert got.shape == (2, 1, 6, 8)
+    np.testing.assert_allclose(got[1, 0].numpy(), plain_bilinear(one_layer[1, 0], 6, 8), atol=1e-12)
+    half = torch.from_numpy(one_layer[:, 0]).half()  # computed in float32, returned in float16
+    got_half = ops.upsample_maps(half, (7, 9))
+    assert got_half.dtype == torch.float16
+    assert torch.equal(got_half, ops.upsample_maps(half.float(), (7, 9)).half())
+    counts = torch.tensor([[[0, 3], [1, 2]]])  # an integer map is resized as float, not rounded back
+    got_int = ops.upsample_maps(counts, (4, 4))
+    assert got_int.dtype == torch.float32
+    np.testing.assert_allclose(got_int[0].numpy(), plain_bilinear(counts[0].numpy().astype(np.float64), 4, 4),
+                               atol=1e-6)
+
+
+def test_map_kernels_refuse_bad_inputs_naming_them_and_fuse_by_sum_by_default():
+    maps = torch.from_numpy(rng(16).random(size=(2, 3, 4, 5)))
+    torch.testing.assert_close(ops.fuse_layers(maps), maps.sum(dim=1))  # AnomalyCLIP's sum is the default
+    cases = [
+        (lambda: ops.upsample_maps(torch.ones(4, 4), 8), r"^maps must be \[B, h, w\] or \[B, L, h, w\], got \(4, 4\)$"),
+        (lambda: ops.upsample_maps(torch.ones(1, 4, 4), 8, mode="bicubic"),
+         r"^upsampling mode must be 'bilinear' or 'nearest', not 'bicubic'$"),
+        (lambda: ops.upsample_maps(torch.ones(1, 4, 4), (8, 8, 8)), r"^size must be an int or \(H, W\), got \(8, 8, 8\)$"),
+        (lambda: ops.layer_anomaly_map(torch.ones(2, 6, 3), (2, 3)),  # 3 classes, right patch count
+         r"^probs must be \[B, 6, 2\] for grid \(2, 3\), got \(2, 6, 3\)$"),
+        (lambda: ops.layer_anomaly_map(torch.ones(2, 6, 1, 2), (2, 3)),  # 4-D, right patch count and classes
+         r"^probs must be \[B, 6, 2\] for grid \(2, 3\), got \(2, 6, 1, 2\)$"),
+        (lambda: ops.layer_anomaly_map(torch.ones(2, 5, 2), (2, 3)), r"^probs must be \[B, 6, 2\] for grid \(2, 3\), got \(2, 5, 2\)$"),
+        (lambda: ops.fuse_layers(maps, "max"), r"^layer fusion must be 'sum' or 'mean', not 'max'$"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
+def test_cosine_similarity_maps_accepts_text_in_another_dtype():
+    generator = rng(17)
+    patches, text = generator.normal(size=(2, 5, 7)), generator.normal(size=(3, 7)).astype(np.float32)
+    got = ops.cosine_similarity_maps(torch.from_numpy(patches), torch.from_numpy(text))  # computed in float64
+    assert got.dtype == torch.float64
+    np.testing.assert_allclose(got.numpy(), plain_cosine(patches, text.astype(np.float64)), atol=1e-12)
