@@ -128,6 +128,16 @@ def test_dice_matches_plain_loop():
     assert float(dice_loss(pred, target)) == pytest.approx(plain_dice(pred.numpy(), target.numpy()), rel=1e-12)
 
 
+def test_dice_is_computed_in_the_prediction_dtype():
+    generator = torch.Generator().manual_seed(2)
+    pred = torch.rand(2, 5, 5, generator=generator)
+    target = (torch.rand(2, 5, 5, generator=generator) > 0.6).double()  # a wider mask is cast to the prediction
+    got = dice_loss(pred, target)
+    assert got.dtype == torch.float32
+    assert float(got) == pytest.approx(plain_dice(pred.numpy(), target.numpy()), rel=1e-6)
+    assert dice_loss(pred.bfloat16(), target.float()).dtype == torch.bfloat16  # autocast maps, float32 mask
+
+
 def test_dice_is_per_sample_not_global():
     pred = torch.tensor([[[1.0, 1.0]], [[0.0, 0.0]]])
     target = torch.tensor([[[1.0, 1.0]], [[1.0, 0.0]]])
