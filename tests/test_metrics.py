@@ -499,6 +499,8 @@ def test_private_auc_is_sklearn_auc():
     y = rng.random(50)
     assert M._auc(x, y) == auc(x, y)
     assert M._auc(x[::-1], y[::-1]) == auc(x[::-1], y[::-1])
+    x[10] = x[11]  # a repeated x (two kept thresholds with the same FPR) is still monotonic
+    assert M._auc(x, y) == auc(x, y)
 
 
 def test_torch_code_path_agrees(monkeypatch):
