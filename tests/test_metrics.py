@@ -635,6 +635,13 @@ def test_float64_scores_are_not_rounded_to_float32():
     assert M.auroc(labels, scores.astype(np.float32)) == 0.75  # a tie: half a pair
 
 
+def test_integer_scores_are_exact():
+    # 2**24 and 2**24 + 1 are one float32 value: integer scores must not be rounded to float32
+    labels, scores = np.array([1, 0]), np.array([16777216, 16777217])
+    assert M.auroc(labels, scores) == roc_auc_score(labels, scores) == 0.0
+    assert M.binary_metrics(labels, torch.tensor(scores))["ap"] == average_precision_score(labels, scores)
+
+
 def test_non_square_images_in_chunks():
     for h, w in ((20, 12), (12, 20)):
         masks, maps = make_set(12, n=6, h=h, w=w, levels=20)

@@ -341,7 +341,8 @@ def _binary_inputs(labels: Any, scores: Any) -> tuple[np.ndarray, np.ndarray]:
         if not np.isin(y, (0, 1)).all():
             raise ValueError("labels must be 0/1")
         y = y != 0
-    s = s.astype(np.float64 if s.dtype == np.float64 else np.float32, copy=False)
+    # float64 and integer scores stay exact (float32 would tie integers above 2**24); other floats as float32
+    s = s.astype(np.float64 if s.dtype == np.float64 or s.dtype.kind in "iub" else np.float32, copy=False)
     if s.size and not np.isfinite(s).all():
         raise ValueError("scores contain NaN or inf")
     return y, s
