@@ -42,8 +42,8 @@ LAST = "last"
 FINAL = "learned"
 OPTIMIZER_FILE = "optimizer.pt"
 # the fields of zsadlib.train.TrainConfig (a method config may share them; they never warn on load)
-TRAIN_CONFIG_FIELDS = ("epochs", "batch_size", "lr", "betas", "weight_decay", "optimizer", "seed", "num_workers", "precision",
-                       "checkpoint_every", "max_steps", "device")
+TRAIN_CONFIG_FIELDS = ("epochs", "batch_size", "lr", "betas", "weight_decay", "optimizer", "seed", "num_workers",
+                       "precision", "checkpoint_every", "max_steps", "device")
 
 
 class CheckpointError(MethodError):
