@@ -237,14 +237,17 @@ def plot_delta_heatmap(deltas, metric: str = "pixel_auroc", title: str = ""):
     rows = deltas[deltas.metric == metric].assign(variant=lambda d: d.method + ": " + d.variant)
     grid = rows.pivot_table(index="variant", columns="class_name", values="delta", aggfunc="first", dropna=False)
     grid = grid[[c for c in grid.columns if c != "mean"] + (["mean"] if "mean" in grid.columns else [])]
-    figure, ax = plt.subplots(figsize=(1.2 + 0.9 * max(1, grid.shape[1]), 0.9 + 0.45 * max(1, grid.shape[0])))
+    # room for the variant labels (~0.08 in per character at 10 pt), ~1 in per class column, a colorbar
+    label_width = 0.08 * max([len(str(v)) for v in grid.index] + [10])
+    width = max(6.0, label_width + 1.0 * max(1, grid.shape[1]) + 1.5)
+    figure, ax = plt.subplots(figsize=(width, 1.6 + 0.5 * max(1, grid.shape[0])), layout="constrained")
     limit = float(abs(grid).max().max()) if grid.size and grid.notna().any().any() else 1.0
     sns.heatmap(grid, ax=ax, annot=True, fmt=".1f", cmap="RdBu_r", center=0.0, vmin=-limit or -1, vmax=limit or 1,
-                cbar_kws={"label": "points"})
-    ax.set_title(title or f"{metric}: change vs default")
+                cbar_kws={"label": "change (points)"}, annot_kws={"fontsize": 9})
+    ax.set_title(title or f"{metric}: change vs default", fontsize=11, wrap=True)
     ax.set_xlabel("")
     ax.set_ylabel("")
-    figure.tight_layout()
+    ax.tick_params(axis="x", labelrotation=30)
     plt.close(figure)
     return figure
 
