@@ -52,8 +52,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import (REF_IMAGE_SIZE, Patches, load_script, pkg_resources_stub, reference_images,
-                     reference_state_dict, stub_modules, use_checkout, write)
+from .common import (REF_IMAGE_SIZE, Patches, image_set, load_script, pkg_resources_stub, reference_state_dict,
+                     stub_modules, use_checkout, write)
 
 REPOSITORY = "zqhang/AnomalyCLIP"
 COMMIT = "45ed4dd"
@@ -73,21 +73,7 @@ def fixed_masks(size: int = REF_IMAGE_SIZE) -> torch.Tensor:
     return masks
 
 
-class _ImageSet(torch.utils.data.Dataset):
-    """What train.py / test.py read from their ``Dataset``: 'img', 'img_mask', 'anomaly', 'cls_name', ..."""
-
-    obj_list = ["object"]
-
-    def __init__(self, *args, **kwargs):
-        self.images = reference_images()
-        self.masks = fixed_masks()
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, index):
-        return {"img": self.images[index], "img_mask": self.masks[index].clone(), "anomaly": LABELS[index],
-                "cls_name": "object", "cls_id": 0, "img_path": f"reference_{index}.png"}
+_ImageSet = image_set(fixed_masks, LABELS, cls_id=0)  # what train.py / test.py read from their Dataset
 
 
 def _stub_unused_modules() -> None:

@@ -20,7 +20,8 @@ from tests.reference import (REF_IMAGE_SIZE, REF_MODEL, REF_NATIVE_SIZE, REF_SEE
                              reference_images, reference_state_dict, save_fixture)
 
 __all__ = ["use_checkout", "checkout_commit", "write", "stub_modules", "pkg_resources_stub", "load_script", "Patches",
-           "reference_images", "reference_state_dict", "to_numpy", "REF_IMAGE_SIZE", "REF_NATIVE_SIZE", "REF_MODEL", "REF_SEED"]
+           "image_set", "reference_images", "reference_state_dict", "to_numpy", "REF_IMAGE_SIZE", "REF_NATIVE_SIZE",
+           "REF_MODEL", "REF_SEED"]
 
 
 def use_checkout(path: str | Path) -> Path:
@@ -117,3 +118,26 @@ class Patches:
         for owner, name, value in reversed(self._undo):
             setattr(owner, name, value)
         self._undo.clear()
+
+
+def image_set(masks, labels, **fields) -> type:
+    """An in-memory stand-in for the reference scripts' ``Dataset`` class: item i is ``{"img": reference_images()[i],
+    "img_mask": masks()[i], "anomaly": labels[i], "cls_name": "object", "img_path": "reference_<i>.png", **fields}``
+    (what their train.py / test.py read); any constructor arguments are ignored. ``masks``: a function -> [N, 1, S, S].
+    """
+
+    class ImageSet(torch.utils.data.Dataset):
+        obj_list = ["object"]
+
+        def __init__(self, *args, **kwargs):
+            self.images = reference_images()
+            self.masks = masks()
+
+        def __len__(self):
+            return len(self.images)
+
+        def __getitem__(self, index):
+            return {"img": self.images[index], "img_mask": self.masks[index].clone(), "anomaly": labels[index],
+                    "cls_name": "object", **fields, "img_path": f"reference_{index}.png"}
+
+    return ImageSet
