@@ -419,6 +419,15 @@ def _is_file_spec(pretrained: str) -> bool:
     )
 
 
+def _existing_file(pretrained: str, what: str, expects: str) -> Path:
+    """The weights file a ``pretrained=`` path names; WeightsNotFoundError naming it (``what``, e.g. "checkpoint
+    file") and what ``pretrained=`` expects when it does not exist."""
+    path = Path(pretrained).expanduser()
+    if not path.is_file():
+        raise WeightsNotFoundError(f"{what} {path} does not exist (pretrained= expects {expects})")
+    return path
+
+
 def _hf_cache_dir() -> str:
     from huggingface_hub import constants
 
@@ -621,12 +630,8 @@ def load_backbone(
     weights_path: Path | None = None
     if pretrained is not None:
         if _is_file_spec(pretrained):
-            weights_path = Path(pretrained).expanduser()
-            if not weights_path.is_file():
-                raise WeightsNotFoundError(
-                    f"checkpoint file {weights_path} does not exist (pretrained= expects an open_clip tag such as "
-                    f"'openai' or a path to a weights file)"
-                )
+            weights_path = _existing_file(pretrained, "checkpoint file",
+                                          "an open_clip tag such as 'openai' or a path to a weights file")
         elif open_clip.get_pretrained_cfg(name, pretrained):
             weights_path = Path(_download_tag(name, pretrained, cache_dir))
         else:

@@ -58,7 +58,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .backbone import BackboneError, WeightsNotFoundError, _hf_cache_dir, _is_file_spec, _weights_sha256, try_download
+from .backbone import (BackboneError, WeightsNotFoundError, _existing_file, _hf_cache_dir, _is_file_spec, _weights_sha256,
+                       try_download)
 from .data.transforms import OPENAI_MEAN, OPENAI_STD
 from .utils import resolve_device, seeded, state_mismatch
 
@@ -374,12 +375,8 @@ def load_dino(
     tag = None
     if pretrained is not None:
         if _is_file_spec(pretrained):
-            weights_path = Path(pretrained).expanduser()
-            if not weights_path.is_file():
-                raise WeightsNotFoundError(
-                    f"DINOv2 checkpoint file {weights_path} does not exist (pretrained= expects a timm tag such as "
-                    f"'{DEFAULT_DINO_TAG}' or a path to a weights file)"
-                )
+            weights_path = _existing_file(pretrained, "DINOv2 checkpoint file",
+                                          f"a timm tag such as '{DEFAULT_DINO_TAG}' or a path to a weights file")
         elif arch == TINY_DINO:
             raise BackboneError(f"the {TINY_DINO!r} DINOv2 config has no published weights; pass a file path or None")
         else:
